@@ -1,0 +1,9 @@
+"""Built-in method plugins, one file each, imported by this explicit list (see design.md).
+
+Installed as ``prunebench.methods``. Third-party methods do not go here: they register through the
+``prunebench.methods`` entry-point group or a plugin file named in a recipe.
+"""
+
+from prunebench.methods import l1, random_control  # noqa: F401  (importing registers them)
+
+__all__ = ["l1", "random_control"]

@@ -1,0 +1,26 @@
+"""Errors a user can cause.
+
+Anything the user can fix (a bad recipe, an unknown name, a missing dataset) raises :class:`UserError`.
+The CLI prints its message on one line and exits with status 2, never a traceback; everything else is a
+bug or a failed run and is reported as such.
+"""
+
+from __future__ import annotations
+
+import difflib
+from collections.abc import Iterable
+
+
+class UserError(Exception):
+    """A problem in the user's input; the message names the problem and the fix."""
+
+    exit_code = 2
+
+
+def close_matches(name: str, known: Iterable[str], n: int = 3) -> str:
+    """A ``did you mean ...?`` hint followed by the list of what exists (for unknown-name errors)."""
+    known = sorted(known)
+    hits = difflib.get_close_matches(name, known, n=n, cutoff=0.5)
+    hint = f" Did you mean {', '.join(repr(h) for h in hits)}?" if hits else ""
+    listing = ", ".join(known) if len(known) <= 30 else ", ".join(known[:30]) + f", ... ({len(known)} in all)"
+    return f"{hint} Known: {listing}."

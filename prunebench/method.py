@@ -1,0 +1,124 @@
+"""The method plugin contract: :class:`PruningMethod` and its parameter models.
+
+A method owns only its scientific difference -- a sparsity regularizer and/or a way to choose channels.
+Everything else (dense start, training loop, pruning engine, fine-tuning, measurement) is shared, which
+is what keeps a comparison fair. Every hook is a no-op by default, so a simple method is a score
+function and a registration; see the README section "Writing a method plugin".
+
+Hook order during sparsity training, for every step::
+
+    loss = task_loss + method.penalty()      # differentiable regularizer (or None)
+    loss.backward(); method.after_backward() # e.g. slimming's sign(gamma) subgradient
+    optimizer.step(); method.after_step(lr)  # e.g. a proximal shrinkage that gives exact zeros
+    ... method.on_epoch_end(epoch)
+
+Hooks must not synchronise with the device (no ``.item()``): they run every step.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import ClassVar, Literal
+
+from pydantic import BaseModel, ConfigDict, Field
+from torch import Tensor, nn
+
+from prunebench.groups import PrunableGroup
+
+
+class MethodParams(BaseModel):
+    """Validated parameters of a method: a recipe entry ``{name: m, key: value}`` minus ``name``.
+
+    Unknown keys are errors. Subclass it and set ``Params`` on the method class.
+    """
+
+    model_config = ConfigDict(extra="forbid", populate_by_name=True, frozen=True)
+
+
+class LambdaParams(MethodParams):
+    """Parameters of a method with a regularization factor, written ``lambda`` in recipes."""
+
+    lambda_: float = Field(1e-4, alias="lambda", ge=0, description="regularization factor")
+
+
+@dataclass
+class Calibration:
+    """What a calibration-based method sees when it selects channels (e.g. ThiNet).
+
+    ``batches`` are normalized input images on the model's device, drawn from the training split
+    (never validation or test); the model is in eval mode.
+    """
+
+    model: nn.Module
+    batches: list[Tensor]
+
+
+class PruningMethod:
+    """Base class of every pruning method (see the module docstring for the hook order).
+
+    Class attributes a subclass sets:
+
+    * ``name`` -- filled in by :func:`prunebench.register_method`;
+    * ``description`` -- one line for ``prunebench methods``;
+    * ``Params`` -- a :class:`MethodParams` subclass (default: no parameters);
+    * ``normalize`` -- how the engine normalizes scores within a layer before the global ranking:
+      ``None`` (compare raw scores across layers), ``"max"`` or ``"sum"``;
+    * ``uniform`` -- ``True`` to remove the same fraction of every group (chosen so the network meets
+      the MACs target) instead of a global ranking.
+    """
+
+    name: ClassVar[str] = ""
+    description: ClassVar[str] = ""
+    Params: ClassVar[type[MethodParams]] = MethodParams
+    normalize: ClassVar[Literal["max", "sum"] | None] = None
+    uniform: ClassVar[bool] = False
+
+    def __init__(self, params: MethodParams | None = None) -> None:
+        self.params = params if params is not None else self.Params()
+        self.model: nn.Module | None = None
+        self.groups: list[PrunableGroup] = []
+
+    # -- lifecycle -------------------------------------------------------------------------------
+    def attach(self, model: nn.Module, groups: Sequence[PrunableGroup]) -> None:
+        """Called before sparsity training and again after every pruning step (the groups change)."""
+        self.model = model
+        self.groups = list(groups)
+
+    # -- sparsity-training hooks (no-ops by default) ---------------------------------------------
+    def penalty(self) -> Tensor | None:
+        """A differentiable term added to the loss, or ``None``."""
+        return None
+
+    def after_backward(self) -> None:
+        """Called after ``loss.backward()``, before the optimizer step (gradients may be edited)."""
+
+    def after_step(self, lr: float) -> None:
+        """Called after the optimizer step with the step's learning rate (e.g. proximal shrinkage)."""
+
+    def on_epoch_end(self, epoch: int) -> None:
+        """Called at the end of every sparsity-training epoch."""
+
+    # -- pruning ---------------------------------------------------------------------------------
+    def score(self, group: PrunableGroup) -> Tensor:
+        """One importance score per channel of ``group`` (shape ``[group.size]``); higher = keep."""
+        raise NotImplementedError(f"method {self.name!r} defines neither score() nor select()")
+
+    def select(self, group: PrunableGroup, n_remove: int, calib: Calibration) -> Tensor | None:
+        """Choose ``n_remove`` channels of ``group`` to remove from calibration data.
+
+        Return their indices (LongTensor) or ``None`` to fall back on :meth:`score`. May rewrite the
+        kept weights (e.g. a least-squares reconstruction of the consumer layer). Only called for
+        methods with ``uniform = True``.
+        """
+        return None
+
+    @classmethod
+    def has_sparsity_training(cls) -> bool:
+        """Whether any sparsity-training hook is overridden (otherwise that stage is plain training)."""
+        hooks = ("penalty", "after_backward", "after_step", "on_epoch_end")
+        return any(getattr(cls, h) is not getattr(PruningMethod, h) for h in hooks)
+
+    def param_dict(self) -> dict[str, object]:
+        """The parameters as written in a recipe (aliases such as ``lambda``), for logging."""
+        return self.params.model_dump(by_alias=True)
