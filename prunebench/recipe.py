@@ -183,11 +183,31 @@ class Recipe(_Strict):
 # loading
 
 
+class _RecipeLoader(yaml.SafeLoader):
+    """``yaml.SafeLoader`` with YAML 1.2 floats, so ``lambda: 1e-4`` is a number and not a string."""
+
+
+_RecipeLoader.add_implicit_resolver(
+    "tag:yaml.org,2002:float",
+    re.compile(r"""^(?:[-+]?(?:[0-9][0-9_]*)\.[0-9_]*(?:[eE][-+]?[0-9]+)?
+    |[-+]?(?:[0-9][0-9_]*)(?:[eE][-+]?[0-9]+)
+    |\.[0-9_]+(?:[eE][-+][0-9]+)?
+    |[-+]?\.(?:inf|Inf|INF)
+    |\.(?:nan|NaN|NAN))$""", re.X),
+    list("-+0123456789."),
+)
+
+
+def safe_load_yaml(text: str) -> Any:
+    """Parse YAML without executing anything (a SafeLoader), with YAML 1.2 floats."""
+    return yaml.load(text, Loader=_RecipeLoader)  # noqa: S506 - _RecipeLoader is a SafeLoader
+
+
 def _read_yaml(path: Path) -> dict[str, Any]:
     if not path.is_file():
         raise UserError(f"recipe {str(path)!r} does not exist; check the path")
     try:
-        data = yaml.safe_load(path.read_text())
+        data = safe_load_yaml(path.read_text())
     except yaml.YAMLError as exc:
         mark = getattr(exc, "problem_mark", None)
         where = f":{mark.line + 1}:{mark.column + 1}" if mark is not None else ""
@@ -233,7 +253,7 @@ def apply_override(data: dict[str, Any], override: str) -> None:
         raise UserError(f"override {override!r}: expected KEY=VALUE, e.g. -o finetune.epochs=2")
     key, raw = override.split("=", 1)
     try:
-        value = yaml.safe_load(raw) if raw.strip() else None
+        value = safe_load_yaml(raw) if raw.strip() else None
     except yaml.YAMLError as exc:
         raise UserError(f"override {override!r}: the value is not valid YAML ({str(exc).splitlines()[0]})") from None
     steps: list[str | int] = []
@@ -329,8 +349,12 @@ def validate_methods(recipe: Recipe, base_dir: Path) -> None:
 
     src = str(getattr(recipe, "_source", "recipe"))
     for plugin in recipe.plugins:
+        path = resolve_plugin_path(plugin, base_dir)
+        if not path.is_file():
+            raise UserError(f"{src}: plugins: plugin file {plugin!r} does not exist (looked in the working "
+                            "directory and beside the recipe); fix the path")
         try:
-            load_plugin_file(resolve_plugin_path(plugin, base_dir))
+            load_plugin_file(path)
         except UserError as exc:
             raise UserError(f"{src}: plugins: {exc}") from None
     for i, spec in enumerate(recipe.methods):

@@ -103,7 +103,10 @@ def build_method(spec: dict[str, Any], where: str = "methods") -> PruningMethod:
     name = spec.pop("name", None)
     if not isinstance(name, str):
         raise UserError(f"{where}: every method entry needs a 'name' (e.g. '- name: l1')")
-    cls = get_method(name)
+    try:
+        cls = get_method(name)
+    except UserError as exc:
+        raise UserError(f"{where}: {exc}") from None
     try:
         params = cls.Params.model_validate(spec)
     except ValidationError as exc:

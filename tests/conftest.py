@@ -1,0 +1,57 @@
+"""Shared fixtures: every test runs in its own working directory (MLflow store, caches) with few threads."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import pytest
+import torch
+import yaml
+
+ROOT = Path(__file__).resolve().parent.parent
+CIFAR_SUBSET = ROOT.parent / "shared" / "data" / "cifar10-subset"
+
+torch.set_num_threads(min(2, os.cpu_count() or 1))
+
+
+@pytest.fixture(autouse=True)
+def _isolated_cwd(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
+    """Run in a fresh folder so mlflow.db, .prunebench/ and reports never touch the checkout."""
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
+    return tmp_path
+
+
+TINY_RECIPE: dict = {
+    "name": "tiny",
+    "data": {"name": "synthetic", "num_samples": 96, "image_size": 16, "num_classes": 4, "val_split": 0.25,
+             "batch_size": 32, "eval_batch_size": 64},
+    "model": {"name": "resnet8_cifar"},
+    "dense": {"epochs": 1, "lr": 0.05},
+    "sparsity": {"epochs": 1, "lr": 0.01},
+    "methods": [{"name": "l1"}],
+    "prune": {"target": 0.4, "scope": "internal"},
+    "finetune": {"epochs": 1, "lr": 0.01},
+    "seeds": 1,
+    "measure": {"latency_batch": 8, "warmup": 1, "repeats": 2},
+}
+
+
+@pytest.fixture
+def write_recipe(tmp_path: Path):
+    """write_recipe(dict_or_text, name="r.yaml") -> path of a recipe file in the test folder."""
+
+    def write(content: dict | str, name: str = "r.yaml") -> Path:
+        path = tmp_path / name
+        path.write_text(content if isinstance(content, str) else yaml.safe_dump(content, sort_keys=False))
+        return path
+
+    return write
+
+
+@pytest.fixture
+def tiny_recipe() -> dict:
+    import copy
+
+    return copy.deepcopy(TINY_RECIPE)
