@@ -4,6 +4,13 @@ Installed as ``prunebench.methods``. Third-party methods do not go here: they re
 ``prunebench.methods`` entry-point group or a plugin file named in a recipe.
 """
 
-from prunebench.methods import l1, random_control  # noqa: F401  (importing registers them)
+from prunebench.methods import (  # noqa: F401  (importing registers them)
+    group_lasso,
+    l1,
+    oicsr,
+    random_control,
+    slimming,
+    thinet,
+)
 
-__all__ = ["l1", "random_control"]
+__all__ = ["group_lasso", "l1", "oicsr", "random_control", "slimming", "thinet"]

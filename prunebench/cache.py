@@ -60,8 +60,13 @@ def safe_load(path: str | Path) -> Any:
     return torch.load(path, map_location="cpu", weights_only=True)
 
 
+def workdir(recipe: Recipe) -> Path:
+    """The recipe's working folder (dense cache, checkpoints, pruned models)."""
+    return Path(os.path.expandvars(recipe.workdir)).expanduser()
+
+
 def dense_path(recipe: Recipe, seed: int) -> Path:
-    return Path(os.path.expandvars(recipe.workdir)).expanduser() / "dense" / f"{recipe.model.name}-{dense_key(recipe, seed)}.pt"
+    return workdir(recipe) / "dense" / f"{recipe.model.name}-{dense_key(recipe, seed)}.pt"
 
 
 def lock_for(path: Path) -> FileLock:

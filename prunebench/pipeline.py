@@ -13,6 +13,7 @@ import copy
 import json
 import time
 import traceback
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -23,14 +24,15 @@ from torch import nn
 from prunebench import cache, tracking
 from prunebench.data import DataModule, load_data
 from prunebench.engine import prune_to_target
+from prunebench.groups import build_groups
 from prunebench.errors import UserError
 from prunebench.measure import count_macs, measure_latency
-from prunebench.method import Calibration, PruningMethod
+from prunebench.method import Calibration
 from prunebench.models import create_model
 from prunebench.recipe import Recipe, Schedule, dump_recipe, method_label
 from prunebench.registry import build_method
 from prunebench.serialize import save_pruned
-from prunebench.train import DivergedError, evaluate, prepare_model, resolve_device, seed_everything, train
+from prunebench.train import DivergedError, EpochStats, evaluate, prepare_model, resolve_device, seed_everything, train
 
 _STAGE_CODE = {"dense": 1, "sparsity": 2, "between": 3, "finetune": 4}
 
@@ -137,13 +139,16 @@ def dense_model(ctx: Context, seed: int) -> nn.Module:
     return model
 
 
-def _method_params(method: PruningMethod) -> dict[str, Any]:
-    return {f"method.{k}": v for k, v in method.param_dict().items()}
+EpochHook = Callable[[str, EpochStats, int], None]
+"""Called after every training epoch of a cell with (stage, stats, global step); may raise to stop."""
 
 
-def run_cell(ctx: Context, dense: nn.Module, dense_metrics: dict[str, float], spec: dict[str, Any], seed: int,
-             target: float) -> dict[str, float]:
-    """Sparsity training, pruning, fine-tuning and measurement of one cell inside its MLflow child run."""
+def train_and_prune(ctx: Context, dense: nn.Module, macs_dense: float, spec: dict[str, Any], seed: int, target: float,
+                    on_epoch: EpochHook | None = None) -> tuple[nn.Module, dict[str, list[int]]]:
+    """Sparsity training, pruning to ``target`` and fine-tuning of one cell; returns the model and stage steps.
+
+    Reads only the training and validation splits (``prunebench tune`` relies on that).
+    """
     recipe, label = ctx.recipe, method_label(spec)
     method = build_method(spec)
     seed_everything(seed)
@@ -157,48 +162,54 @@ def run_cell(ctx: Context, dense: nn.Module, dense_metrics: dict[str, float], sp
             return
         first = step
 
-        def log(stats, _opt) -> None:
-            tracking.log_epoch({"train_loss": stats.train_loss, "train_penalty": stats.train_penalty,
-                                "train_top1": stats.train_top1, "val_top1": stats.val_top1, "lr": stats.lr},
-                               step=first + stats.epoch)
+        def epoch_end(stats: EpochStats, _opt: torch.optim.Optimizer) -> None:
+            if on_epoch is not None:
+                on_epoch(stage, stats, first + stats.epoch)
 
         train(model, ctx.batches_for(seed, stage), sched, method=method if with_method else None,
               opts=recipe.train, desc=f"{label} s{seed} t{target} {stage}", quiet=ctx.quiet, val_fn=ctx.val_fn,
-              on_epoch_end=log)
+              on_epoch_end=epoch_end)
         step = first + sched.epochs
         stages.setdefault(stage, [first, step])[1] = step
 
-    # 1. sparsity training (plain training of the same length for methods without hooks)
-    from prunebench.groups import build_groups
-
+    # 1. sparsity training (plain training of the same length for methods without hooks: matched budget)
     _, groups = build_groups(model, ctx.example, scope=recipe.prune.scope, ignored_layers=recipe.prune.ignored_layers)
     method.attach(model, groups)
     run_stage("sparsity", recipe.sparsity, with_method=method.has_sparsity_training())
 
-    # 2. prune to the target, in `iterations` steps with fine-tuning in between (targets stay relative to dense)
+    # 2. prune to the target in `iterations` steps with fine-tuning in between (targets stay relative to dense)
     calib = None
     if method.uniform:
         g = torch.Generator().manual_seed(seed)
         images = ctx.data.calibration_batch(recipe.prune.calib_images, g)
         calib = Calibration(model=model, batches=list(images.split(recipe.data.eval_batch_size)))
     k = recipe.prune.iterations
-    result = None
     for j in range(1, k + 1):
-        result = prune_to_target(model, method, target * j / k, ctx.example, reference_macs=dense_metrics["macs_dense"],
+        result = prune_to_target(model, method, target * j / k, ctx.example, reference_macs=macs_dense,
                                  scope=recipe.prune.scope, max_layer_ratio=recipe.prune.max_layer_ratio,
                                  ignored_layers=recipe.prune.ignored_layers, calib=calib, round_to=recipe.prune.round_to)
         ctx.say(f"  {label} s{seed} t{target}: pruned step {j}/{k} -> {result.macs_reduction:.3f} fewer MACs "
                 f"({result.seconds:.1f} s)")
         if j < k:
-            between = recipe.finetune.model_copy(update={"epochs": recipe.prune.epochs_between})
-            run_stage("between", between, with_method=False)
-    assert result is not None
+            run_stage("between", recipe.finetune.model_copy(update={"epochs": recipe.prune.epochs_between}), False)
 
-    # 3. fine-tune (identical schedule for every method)
+    # 3. fine-tune (identical schedule for every method, no regularizer)
     run_stage("finetune", recipe.finetune, with_method=False)
+    return model, stages
+
+
+def _log_epoch(stage: str, stats: EpochStats, step: int) -> None:
+    tracking.log_epoch({"train_loss": stats.train_loss, "train_penalty": stats.train_penalty,
+                        "train_top1": stats.train_top1, "val_top1": stats.val_top1, "lr": stats.lr}, step=step)
+
+
+def run_cell(ctx: Context, dense: nn.Module, dense_metrics: dict[str, Any], spec: dict[str, Any], seed: int,
+             target: float) -> dict[str, float]:
+    """One cell inside its MLflow child run: train and prune, then measure and log everything."""
+    recipe, label = ctx.recipe, method_label(spec)
+    model, stages = train_and_prune(ctx, dense, dense_metrics["macs_dense"], spec, seed, target, on_epoch=_log_epoch)
     tracking.set_tags({tracking.STAGES_TAG: json.dumps(stages)})
 
-    # 4. measure
     report = count_macs(model, ctx.example)
     latency = ctx.latency(model)
     dense_lat = ctx.dense_latency(dense)
@@ -222,16 +233,16 @@ def run_cell(ctx: Context, dense: nn.Module, dense_metrics: dict[str, float], sp
         "speedup": dense_lat[big] / latency[big],
     }
     tracking.log_final(metrics)
-    dense_layers = {r["name"]: r for r in dense_metrics["_layers"]}
+    before = {r["name"]: r for r in dense_metrics["_layers"]}
     rows = [
         {"layer": r["name"], "type": r["type"],
-         "in_before": dense_layers.get(r["name"], r)["in_channels"], "out_before": dense_layers.get(r["name"], r)["out_channels"],
+         "in_before": before.get(r["name"], r)["in_channels"], "out_before": before.get(r["name"], r)["out_channels"],
          "in_after": r["in_channels"], "out_after": r["out_channels"],
-         "macs_before": dense_layers.get(r["name"], r)["macs"], "macs_after": r["macs"]}
+         "macs_before": before.get(r["name"], r)["macs"], "macs_after": r["macs"]}
         for r in report.per_layer
     ]
     tracking.log_text(tracking.rows_to_csv(rows), "layers.csv")
-    out = Path(cache.dense_path(recipe, seed).parent.parent, "pruned", f"{label}-s{seed}-t{target}.pt")
+    out = cache.workdir(recipe) / "pruned" / f"{label}-s{seed}-t{target}.pt"
     save_pruned(model, out)
     tracking.log_file(out, "model")
     return {k: v for k, v in metrics.items() if v is not None}
