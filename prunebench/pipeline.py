@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import copy
 import json
+import re
 import time
 import traceback
 from collections.abc import Callable
@@ -242,7 +243,8 @@ def run_cell(ctx: Context, dense: nn.Module, dense_metrics: dict[str, Any], spec
         for r in report.per_layer
     ]
     tracking.log_text(tracking.rows_to_csv(rows), "layers.csv")
-    out = cache.workdir(recipe) / "pruned" / f"{label}-s{seed}-t{target}.pt"
+    out = cache.workdir(recipe) / "pruned" / re.sub(r"[^\w.=-]+", "_", f"{label}-s{seed}-t{target}.pt")
+    out.parent.mkdir(parents=True, exist_ok=True)
     save_pruned(model, out)
     tracking.log_file(out, "model")
     return {k: v for k, v in metrics.items() if v is not None}
