@@ -5,6 +5,18 @@
 Every cell of a seed starts from the same dense checkpoint, sees the same data order and gets the same
 number of training epochs in every stage (methods without sparsity training get plain training: the
 matched budget of design.md). The test split is read only for final metrics.
+
+Reliability (README "Resuming and failures"):
+
+* everything a user can get wrong (data, model, dense checkpoint, workdir, tracking URI) is checked by
+  :func:`preflight` and :func:`prunebench.tracking.connect` before any MLflow run or file exists;
+* every epoch of every stage, and every pruning step, ends with a checkpoint (:mod:`prunebench.cache`);
+  ``--resume`` reopens the latest parent run of the same recipe, skips its FINISHED cells and continues
+  the others from their checkpoints in their own runs. A cell's work is a pure function of its seed and
+  its checkpoint (data order, learning rate, RNG states, optimizer momentum), so a resumed cell ends
+  with the metrics an uninterrupted one would have had;
+* a cell that raises or diverges is marked FAILED and the grid goes on; SIGINT/SIGTERM stop the run
+  after the current checkpoint is written (:class:`Interrupted`), marking the runs KILLED.
 """
 
 from __future__ import annotations
@@ -12,9 +24,13 @@ from __future__ import annotations
 import copy
 import json
 import re
+import shutil
+import signal
+import sys
+import threading
 import time
-import traceback
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -23,17 +39,19 @@ import torch
 from torch import nn
 
 from prunebench import cache, tracking
+from prunebench.cache import TrainingCheckpoint
 from prunebench.data import DataModule, load_data
 from prunebench.engine import prune_to_target
-from prunebench.groups import build_groups
 from prunebench.errors import UserError
+from prunebench.groups import build_groups
 from prunebench.measure import count_macs, measure_latency
-from prunebench.method import Calibration
+from prunebench.method import Calibration, PruningMethod
 from prunebench.models import create_model
 from prunebench.recipe import Recipe, Schedule, dump_recipe, method_label
-from prunebench.registry import build_method
-from prunebench.serialize import save_pruned
-from prunebench.train import DivergedError, EpochStats, evaluate, prepare_model, resolve_device, seed_everything, train
+from prunebench.registry import broken_methods, build_method
+from prunebench.serialize import pruned_payload
+from prunebench.train import (EpochStats, evaluate, make_optimizer, prepare_model, resolve_device, seed_everything,
+                              train)
 
 _STAGE_CODE = {"dense": 1, "sparsity": 2, "between": 3, "finetune": 4}
 
@@ -49,6 +67,7 @@ class CellResult:
     status: str = "FINISHED"
     metrics: dict[str, float] = field(default_factory=dict)
     error: str | None = None
+    skipped: bool = False  # finished by an earlier invocation (``--resume``)
 
 
 @dataclass
@@ -63,12 +82,65 @@ class RunSummary:
         return [c for c in self.cells if c.status != "FINISHED"]
 
 
-class Context:
-    """What every cell of an invocation shares: the recipe, device, data and a few measurements."""
+# -- interruption ------------------------------------------------------------------------------------
 
-    def __init__(self, recipe: Recipe, quiet: bool) -> None:
+
+class Interrupted(KeyboardInterrupt):
+    """SIGINT or SIGTERM arrived. Raised in the main thread (never inside a checkpoint write); the runs
+    it unwinds through are marked KILLED. The process should exit with :attr:`exit_code`."""
+
+    def __init__(self, signum: int) -> None:
+        self.signum = signum
+        self.signal_name = signal.Signals(signum).name
+        super().__init__(self.signal_name)
+
+    @property
+    def exit_code(self) -> int:
+        return 128 + self.signum  # the shell's convention: 130 for SIGINT, 143 for SIGTERM
+
+
+@contextmanager
+def handle_signals() -> Iterator[None]:
+    """Turn SIGINT and SIGTERM into :class:`Interrupted` for the duration of the block.
+
+    Only the first signal interrupts; later ones are ignored while the run winds down (marking runs
+    KILLED takes a moment), so a second Ctrl-C cannot tear the bookkeeping. Outside the main thread
+    it does nothing.
+    """
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    stopping = False
+
+    def on_signal(signum: int, _frame: Any) -> None:
+        nonlocal stopping
+        if stopping:
+            print("prunebench: already stopping; marking the runs KILLED", file=sys.stderr, flush=True)
+            return
+        stopping = True
+        raise Interrupted(signum)
+
+    previous = {s: signal.signal(s, on_signal) for s in (signal.SIGINT, signal.SIGTERM)}
+    try:
+        yield
+    finally:
+        for s, handler in previous.items():
+            signal.signal(s, handler if handler is not None else signal.SIG_DFL)
+
+
+# -- shared context -----------------------------------------------------------------------------------
+
+
+class Context:
+    """What every cell of an invocation shares: the recipe, device, data and a few measurements.
+
+    ``resume``: continue an interrupted dense training from its checkpoint (cells resume by run id).
+    """
+
+    def __init__(self, recipe: Recipe, quiet: bool, *, resume: bool = False) -> None:
         self.recipe = recipe
         self.quiet = quiet
+        self.resume = resume
         self.device = resolve_device(recipe.train.device)
         self.data: DataModule = load_data(recipe.data, self.device)
         self.example = torch.zeros(1, self.data.in_chans, self.data.image_size, self.data.image_size, device=self.device)
@@ -109,94 +181,243 @@ class Context:
                                repeats=m.repeats)
 
 
+def preflight(ctx: Context) -> None:
+    """Check what a user can get wrong that the recipe schema cannot see, before any run or file exists:
+    the model builds, ``dense.checkpoint`` exists and fits it, the workdir and the tracking store's
+    folder are writable. (The data was loaded by :class:`Context`.) Every problem is a :class:`UserError`."""
+    model = ctx.new_model()
+    if ctx.recipe.dense.checkpoint:
+        load_user_checkpoint(ctx.recipe, model)
+    cache.check_writable(cache.workdir(ctx.recipe))
+    tracking.check_uri(ctx.recipe.tracking.uri)
+
+
+def load_user_checkpoint(recipe: Recipe, model: nn.Module) -> None:
+    """Load ``dense.checkpoint`` (a state dict, or ``{"state_dict": ...}``) into ``model`` with weights_only."""
+    path = Path(recipe.dense.checkpoint or "").expanduser()
+    if not path.is_file():
+        raise UserError(f"dense.checkpoint {str(path)!r} does not exist; fix the path or remove the key to train")
+    try:
+        state = cache.safe_load(path)
+    except Exception as exc:  # not a torch file, or one that needs code to unpickle
+        first = (str(exc).splitlines() or [type(exc).__name__])[0][:160]
+        raise UserError(f"dense.checkpoint {str(path)!r} cannot be read as a weights-only state dict ({first}); "
+                        "save it with torch.save(model.state_dict(), path)") from None
+    state = state.get("state_dict", state) if isinstance(state, dict) else state
+    try:
+        model.load_state_dict(state)
+    except (RuntimeError, KeyError, TypeError, AttributeError) as exc:
+        first = str(exc).splitlines()[0][:200]
+        raise UserError(f"dense.checkpoint {str(path)!r} does not match model {recipe.model.name!r}: {first}; "
+                        "point it at a state dict of this model") from None
+
+
+# -- dense start ------------------------------------------------------------------------------------
+
+
 def dense_model(ctx: Context, seed: int) -> nn.Module:
-    """The dense start of ``seed``: a user checkpoint, the cache, or trained now (then cached)."""
+    """The dense start of ``seed``: a user checkpoint, the cache, or trained now (then cached).
+
+    Training checkpoints every epoch (``<cache>.partial.pt``); with ``ctx.resume`` it continues from there.
+    """
     recipe = ctx.recipe
+    seed_everything(seed)  # the initial weights are part of what the seed determines
     model = ctx.new_model()
     if recipe.dense.checkpoint:
-        path = Path(recipe.dense.checkpoint).expanduser()
-        if not path.is_file():
-            raise UserError(f"dense.checkpoint {str(path)!r} does not exist; fix the path or remove the key to train")
-        state = cache.safe_load(path)
-        state = state.get("state_dict", state) if isinstance(state, dict) else state
-        try:
-            model.load_state_dict(state)
-        except (RuntimeError, KeyError) as exc:
-            first = str(exc).splitlines()[0][:200]
-            raise UserError(f"dense.checkpoint {str(path)!r} does not match model {recipe.model.name!r}: {first}") from None
-        ctx.say(f"seed {seed}: dense model from {path}")
+        load_user_checkpoint(recipe, model)
+        ctx.say(f"seed {seed}: dense model from {recipe.dense.checkpoint}")
         return model
     path = cache.dense_path(recipe, seed)
-    with cache.lock_for(path):  # a concurrent run waits here, then reuses the file
+    lock = cache.lock_for(path)
+    if not path.is_file() and not _try_acquire(lock):
+        ctx.say(f"seed {seed}: another process is training this dense model; waiting to reuse it")
+    with lock:  # a concurrent run waits here, then reuses the file
         if path.is_file():
             model.load_state_dict(cache.safe_load(path)["state_dict"])
             ctx.say(f"seed {seed}: dense model from cache {path}")
             return model
-        ctx.say(f"seed {seed}: training the dense model ({recipe.dense.epochs} epochs, cached as {path})")
-        seed_everything(seed)
-        train(model, ctx.batches_for(seed, "dense"), recipe.dense, opts=recipe.train, desc=f"dense s{seed}",
-              quiet=ctx.quiet)
-        cache.atomic_save({"state_dict": model.state_dict(), "key": cache.dense_key(recipe, seed)}, path)
+        _train_dense(ctx, model, seed, path)
     return model
 
+
+def _try_acquire(lock: Any) -> bool:
+    """Take ``lock`` if it is free (then release it again); ``False`` when another process holds it."""
+    from filelock import Timeout
+
+    try:
+        with lock.acquire(timeout=0):
+            return True
+    except Timeout:
+        return False
+
+
+def _train_dense(ctx: Context, model: nn.Module, seed: int, path: Path) -> None:
+    """Train the dense model of ``seed`` (continuing from its partial checkpoint on resume), then cache it."""
+    recipe = ctx.recipe
+    key, partial = cache.dense_key(recipe, seed), cache.dense_partial_path(recipe, seed)
+    start = TrainingCheckpoint.read(partial) if ctx.resume else None
+    if start is not None and (start.kind != "dense" or start.key != key):
+        start = None
+    optimizer = None
+    if start is not None:
+        start.load_model(partial, model)
+        optimizer = make_optimizer(model, recipe.dense)
+        optimizer.load_state_dict(start.optimizer)
+        cache.set_rng_state(start.rng)  # type: ignore[arg-type]
+        ctx.say(f"seed {seed}: resuming the dense model from its {start.describe()}")
+    else:
+        ctx.say(f"seed {seed}: training the dense model ({recipe.dense.epochs} epochs, cached as {path})")
+
+    def epoch_end(stats: EpochStats, opt: torch.optim.Optimizer) -> None:
+        TrainingCheckpoint("dense", key, 0, "dense", stats.epoch, stats.epoch + 1,
+                           optimizer=opt.state_dict()).save(model, partial)
+
+    train(model, ctx.batches_for(seed, "dense"), recipe.dense, opts=recipe.train, desc=f"dense s{seed}",
+          quiet=ctx.quiet, start_epoch=start.epoch + 1 if start else 0, optimizer=optimizer, on_epoch_end=epoch_end)
+    cache.atomic_save({"state_dict": model.state_dict(), "key": key}, path)
+    partial.unlink(missing_ok=True)
+
+
+# -- one cell -----------------------------------------------------------------------------------------
 
 EpochHook = Callable[[str, EpochStats, int], None]
 """Called after every training epoch of a cell with (stage, stats, global step); may raise to stop."""
 
 
+@dataclass(frozen=True)
+class Phase:
+    """One step of a cell after the dense start: a training stage or a pruning step."""
+
+    stage: str  # sparsity | prune | between | finetune
+    sched: Schedule | None = None  # training phases
+    with_method: bool = False  # training phases: the method's sparsity hooks run
+    iteration: int = 0  # prune phases: step j of k
+
+
+def cell_phases(recipe: Recipe, method: PruningMethod) -> list[Phase]:
+    """Sparsity training, ``iterations`` pruning steps with fine-tuning between them, fine-tuning."""
+    phases = [Phase("sparsity", recipe.sparsity, method.has_sparsity_training())]
+    k = recipe.prune.iterations
+    between = recipe.finetune.model_copy(update={"epochs": recipe.prune.epochs_between})
+    for j in range(1, k + 1):
+        phases.append(Phase("prune", iteration=j))
+        if j < k:
+            phases.append(Phase("between", between))
+    phases.append(Phase("finetune", recipe.finetune))
+    return phases
+
+
+@dataclass
+class CellCheckpoints:
+    """Where one cell checkpoints (``path``), and for which cell and MLflow run: a checkpoint is resumed
+    only by the run that wrote it."""
+
+    path: Path
+    key: str
+    run_id: str | None = None
+
+    def latest(self) -> TrainingCheckpoint | None:
+        ck = TrainingCheckpoint.read(self.path)
+        return ck if ck is not None and ck.kind == "cell" and ck.key == self.key and ck.run_id == self.run_id else None
+
+    def save(self, model: nn.Module, phase: int, stage: str, epoch: int, step: int,
+             optimizer: torch.optim.Optimizer | None = None) -> None:
+        TrainingCheckpoint("cell", self.key, phase, stage, epoch, step, self.run_id,
+                           optimizer=optimizer.state_dict() if optimizer is not None else None).save(model, self.path)
+
+    def clear(self) -> None:
+        shutil.rmtree(self.path.parent, ignore_errors=True)
+
+
+def _resume_point(ctx: Context, checkpoints: CellCheckpoints | None, phases: list[Phase]) -> TrainingCheckpoint | None:
+    """The cell's checkpoint if there is a usable one (written by this run for this cell and schedule)."""
+    start = checkpoints.latest() if checkpoints is not None else None
+    if start is not None and not (0 <= start.phase < len(phases) and phases[start.phase].stage == start.stage):
+        ctx.say(f"  ignoring {checkpoints.path if checkpoints else ''}: it does not fit this recipe's stages")
+        return None
+    return start
+
+
 def train_and_prune(ctx: Context, dense: nn.Module, macs_dense: float, spec: dict[str, Any], seed: int, target: float,
-                    on_epoch: EpochHook | None = None) -> tuple[nn.Module, dict[str, list[int]]]:
+                    on_epoch: EpochHook | None = None, *,
+                    checkpoints: CellCheckpoints | None = None) -> tuple[nn.Module, dict[str, list[int]]]:
     """Sparsity training, pruning to ``target`` and fine-tuning of one cell; returns the model and stage steps.
 
-    Reads only the training and validation splits (``prunebench tune`` relies on that).
+    Reads only the training and validation splits (``prunebench tune`` relies on that). With
+    ``checkpoints`` every epoch and pruning step ends with a checkpoint, and a checkpoint already there
+    (written by the same run) is where the cell continues: earlier phases are skipped, the model, the
+    optimizer and the RNG states are restored, so the rest runs exactly as it would have.
     """
     recipe, label = ctx.recipe, method_label(spec)
     method = build_method(spec)
+    phases = cell_phases(recipe, method)
     seed_everything(seed)
-    model = copy.deepcopy(dense)
-    step = 0
-    stages: dict[str, list[int]] = {}
+    start = _resume_point(ctx, checkpoints, phases)
+    if start is None:
+        model = copy.deepcopy(dense)
+    else:
+        model = start.load_model(checkpoints.path, ctx.new_model())  # type: ignore[union-attr]
+        ctx.say(f"  {label} s{seed} t{target}: resuming from its {start.describe()}")
+    snapshot = {k: v.clone() for k, v in model.state_dict().items()} if start is not None else None
 
-    def run_stage(stage: str, sched: Schedule, with_method: bool) -> None:
-        nonlocal step
-        if sched.epochs == 0:
-            return
-        first = step
-
-        def epoch_end(stats: EpochStats, _opt: torch.optim.Optimizer) -> None:
-            if on_epoch is not None:
-                on_epoch(stage, stats, first + stats.epoch)
-
-        train(model, ctx.batches_for(seed, stage), sched, method=method if with_method else None,
-              opts=recipe.train, desc=f"{label} s{seed} t{target} {stage}", quiet=ctx.quiet, val_fn=ctx.val_fn,
-              on_epoch_end=epoch_end)
-        step = first + sched.epochs
-        stages.setdefault(stage, [first, step])[1] = step
-
-    # 1. sparsity training (plain training of the same length for methods without hooks: matched budget)
     _, groups = build_groups(model, ctx.example, scope=recipe.prune.scope, ignored_layers=recipe.prune.ignored_layers)
     method.attach(model, groups)
-    run_stage("sparsity", recipe.sparsity, with_method=method.has_sparsity_training())
-
-    # 2. prune to the target in `iterations` steps with fine-tuning in between (targets stay relative to dense)
     calib = None
     if method.uniform:
         g = torch.Generator().manual_seed(seed)
         images = ctx.data.calibration_batch(recipe.prune.calib_images, g)
         calib = Calibration(model=model, batches=list(images.split(recipe.data.eval_batch_size)))
-    k = recipe.prune.iterations
-    for j in range(1, k + 1):
-        result = prune_to_target(model, method, target * j / k, ctx.example, reference_macs=macs_dense,
-                                 scope=recipe.prune.scope, max_layer_ratio=recipe.prune.max_layer_ratio,
-                                 ignored_layers=recipe.prune.ignored_layers, calib=calib, round_to=recipe.prune.round_to)
-        ctx.say(f"  {label} s{seed} t{target}: pruned step {j}/{k} -> {result.macs_reduction:.3f} fewer MACs "
-                f"({result.seconds:.1f} s)")
-        if j < k:
-            run_stage("between", recipe.finetune.model_copy(update={"epochs": recipe.prune.epochs_between}), False)
+    if start is not None:  # exactly the checkpointed state, whatever tracing did to buffers; then its RNG
+        model.load_state_dict(snapshot)  # type: ignore[arg-type]
+        cache.set_rng_state(start.rng)  # type: ignore[arg-type]
 
-    # 3. fine-tune (identical schedule for every method, no regularizer)
-    run_stage("finetune", recipe.finetune, with_method=False)
+    step = 0
+    stages: dict[str, list[int]] = {}
+    for i, phase in enumerate(phases):
+        done_before = start is not None and i <= start.phase
+        if phase.sched is None:  # a pruning step
+            if not done_before:
+                _prune_step(ctx, model, method, phase.iteration, target, macs_dense, calib, f"{label} s{seed} t{target}")
+                if checkpoints is not None:
+                    checkpoints.save(model, i, phase.stage, -1, step)
+            continue
+        first = step
+        step += phase.sched.epochs
+        if phase.sched.epochs:
+            stages.setdefault(phase.stage, [first, step])[1] = step
+        begin, optimizer = 0, None
+        if done_before:
+            assert start is not None
+            if i < start.phase or start.epoch + 1 >= phase.sched.epochs:
+                continue
+            begin = start.epoch + 1
+            optimizer = make_optimizer(model, phase.sched)
+            optimizer.load_state_dict(start.optimizer)  # momentum buffers: the next step is the one it would have been
+
+        def epoch_end(stats: EpochStats, opt: torch.optim.Optimizer, i: int = i, stage: str = phase.stage,
+                      first: int = first) -> None:
+            with cache.signals_held():  # the epoch's metrics and its checkpoint go together
+                if on_epoch is not None:
+                    on_epoch(stage, stats, first + stats.epoch)
+                if checkpoints is not None:
+                    checkpoints.save(model, i, stage, stats.epoch, first + stats.epoch + 1, opt)
+
+        train(model, ctx.batches_for(seed, phase.stage), phase.sched,
+              method=method if phase.with_method else None, opts=recipe.train,
+              desc=f"{label} s{seed} t{target} {phase.stage}", quiet=ctx.quiet, start_epoch=begin,
+              optimizer=optimizer, val_fn=ctx.val_fn, on_epoch_end=epoch_end)
     return model, stages
+
+
+def _prune_step(ctx: Context, model: nn.Module, method: PruningMethod, j: int, target: float, macs_dense: float,
+                calib: Calibration | None, where: str) -> None:
+    """Pruning step ``j`` of ``k``: to ``target * j / k`` of the dense MACs (targets stay relative to dense)."""
+    prune = ctx.recipe.prune
+    k = prune.iterations
+    result = prune_to_target(model, method, target * j / k, ctx.example, reference_macs=macs_dense, scope=prune.scope,
+                             max_layer_ratio=prune.max_layer_ratio, ignored_layers=prune.ignored_layers, calib=calib,
+                             round_to=prune.round_to)
+    ctx.say(f"  {where}: pruned step {j}/{k} -> {result.macs_reduction:.3f} fewer MACs ({result.seconds:.1f} s)")
 
 
 def _log_epoch(stage: str, stats: EpochStats, step: int) -> None:
@@ -205,10 +426,11 @@ def _log_epoch(stage: str, stats: EpochStats, step: int) -> None:
 
 
 def run_cell(ctx: Context, dense: nn.Module, dense_metrics: dict[str, Any], spec: dict[str, Any], seed: int,
-             target: float) -> dict[str, float]:
+             target: float, *, checkpoints: CellCheckpoints | None = None) -> dict[str, float]:
     """One cell inside its MLflow child run: train and prune, then measure and log everything."""
     recipe, label = ctx.recipe, method_label(spec)
-    model, stages = train_and_prune(ctx, dense, dense_metrics["macs_dense"], spec, seed, target, on_epoch=_log_epoch)
+    model, stages = train_and_prune(ctx, dense, dense_metrics["macs_dense"], spec, seed, target, on_epoch=_log_epoch,
+                                    checkpoints=checkpoints)
     tracking.set_tags({tracking.STAGES_TAG: json.dumps(stages)})
 
     report = count_macs(model, ctx.example)
@@ -243,57 +465,104 @@ def run_cell(ctx: Context, dense: nn.Module, dense_metrics: dict[str, Any], spec
         for r in report.per_layer
     ]
     tracking.log_text(tracking.rows_to_csv(rows), "layers.csv")
-    out = cache.workdir(recipe) / "pruned" / re.sub(r"[^\w.=-]+", "_", f"{label}-s{seed}-t{target}.pt")
-    out.parent.mkdir(parents=True, exist_ok=True)
-    save_pruned(model, out)
+    # one folder per run: concurrent invocations of the same recipe never write the same file
+    run_folder = checkpoints.run_id if checkpoints is not None and checkpoints.run_id else "latest"
+    out = cache.workdir(recipe) / "pruned" / run_folder / re.sub(r"[^\w.=-]+", "_", f"{label}-s{seed}-t{target}.pt")
+    cache.atomic_save(pruned_payload(model), out)
     tracking.log_file(out, "model")
     return {k: v for k, v in metrics.items() if v is not None}
 
 
-def run_recipe(recipe: Recipe, *, quiet: bool = False) -> RunSummary:
-    """Run every cell of ``recipe``; a failing cell is marked FAILED and the others still run."""
-    import mlflow
+# -- the grid ------------------------------------------------------------------------------------------
 
-    uri = tracking.connect(recipe.tracking.uri, recipe.experiment)  # fail before any training
-    ctx = Context(recipe, quiet)
-    stamp = time.strftime("%Y%m%d-%H%M%S")
+
+@dataclass
+class _DenseStart:
+    model: nn.Module
+    metrics: dict[str, Any]
+
+
+def _dense_start(ctx: Context, seed: int) -> _DenseStart:
+    """The dense model of ``seed`` and the figures every cell of that seed reports against."""
+    dense = dense_model(ctx, seed)
+    report = count_macs(dense, ctx.example)
+    metrics = {
+        "dense_test_top1": evaluate(dense, ctx.data.eval_batches("test"), ctx.recipe.train),
+        "macs_dense": report.macs,
+        "macs_conv_fc_dense": report.macs_conv_fc,
+        "params_dense": report.params,
+        "_layers": report.per_layer,
+    }
+    ctx.say(f"seed {seed}: dense test top-1 {metrics['dense_test_top1']:.4f}, "
+            f"{report.macs / 1e6:.1f} M MACs, {report.params / 1e6:.3f} M params")
+    return _DenseStart(dense, metrics)
+
+
+def _cell_params(recipe: Recipe, spec: dict[str, Any], seed: int, target: float) -> dict[str, Any]:
+    return {"method": spec["name"], "method_label": method_label(spec), "seed": seed, "target": target,
+            "model": recipe.model.name, "dataset": recipe.data.name, "scope": recipe.prune.scope,
+            "iterations": recipe.prune.iterations, **{f"method.{k}": v for k, v in spec.items() if k != "name"}}
+
+
+def _run_isolated(ctx: Context, start: _DenseStart, spec: dict[str, Any], seed: int, target: float, key: str,
+                  earlier: Any | None) -> CellResult:
+    """One cell in its own MLflow run (reopened when ``earlier`` is an unfinished attempt); an exception
+    marks it FAILED and is returned, not raised, so the grid goes on. Interrupts propagate."""
+    recipe, label = ctx.recipe, method_label(spec)
+    cell = CellResult(label, seed, target, earlier.info.run_id if earlier is not None else "")
+    checkpoints: CellCheckpoints | None = None
+    try:
+        with tracking.cell_run(f"{label}-s{seed}-t{target}", _cell_params(recipe, spec, seed, target), recipe.name,
+                               cell_key=key, run_id=cell.run_id or None) as run:
+            cell.run_id = run.info.run_id
+            checkpoints = CellCheckpoints(cache.cell_checkpoint_path(recipe, cell.run_id), key, cell.run_id)
+            cell.metrics = run_cell(ctx, start.model, start.metrics, spec, seed, target, checkpoints=checkpoints)
+    except Exception as exc:  # isolate the failure (cell_run marked the run FAILED with the traceback)
+        cell.status, cell.error = "FAILED", f"{type(exc).__name__}: {exc}"
+        ctx.say(f"  {label} s{seed} t{target}: FAILED ({cell.error})")
+    else:
+        checkpoints.clear()  # type: ignore[union-attr]
+    return cell
+
+
+def run_recipe(recipe: Recipe, *, quiet: bool = False, resume: bool = False) -> RunSummary:
+    """Run every cell of ``recipe``; a failing cell is marked FAILED and the others still run.
+
+    ``resume``: reopen the latest parent run of the same resolved recipe in this experiment, skip its
+    FINISHED cells and continue the others from their checkpoints, in their own MLflow runs.
+    """
+    ctx = Context(recipe, quiet, resume=resume)  # a missing dataset fails here ...
+    preflight(ctx)  # ... a bad model, dense checkpoint or workdir here ...
+    uri = tracking.connect(recipe.tracking.uri, recipe.experiment)  # ... an unreachable store here: no run yet
+    for name, why in broken_methods().items():
+        if any(spec["name"] == name for spec in recipe.methods):
+            ctx.say(f"method {name!r} is unavailable ({why}); its cells will be marked FAILED")
+    rkey = cache.recipe_key(recipe)
+    previous = tracking.find_parent(recipe.experiment, rkey) if resume else None
+    earlier = tracking.cell_runs(previous) if previous is not None else {}
+    if resume:
+        ctx.say(f"resuming parent run {previous.info.run_id} ({sum(r.info.status == 'FINISHED' for r in earlier.values())}"
+                f" finished cells)" if previous is not None else
+                f"nothing to resume for this recipe in experiment {recipe.experiment!r}; starting a new run")
     results: list[CellResult] = []
-    with tracking.parent_run(recipe.name, f"{recipe.name}-{stamp}", dump_recipe(recipe)) as parent:
-        tracking.log_text(json.dumps({"device": str(ctx.device), **ctx.data.split_sizes()}), "data.json")
+    run_name = f"{recipe.name}-{time.strftime('%Y%m%d-%H%M%S')}"
+    with tracking.parent_run(recipe.name, run_name, dump_recipe(recipe), recipe_key=rkey,
+                             run_id=previous.info.run_id if previous is not None else None) as parent:
+        if previous is None:
+            tracking.log_text(json.dumps({"device": str(ctx.device), **ctx.data.split_sizes()}), "data.json")
         for seed in recipe.seed_list:
-            dense = dense_model(ctx, seed)
-            d_report = count_macs(dense, ctx.example)
-            dense_metrics = {
-                "dense_test_top1": evaluate(dense, ctx.data.eval_batches("test"), recipe.train),
-                "macs_dense": d_report.macs,
-                "macs_conv_fc_dense": d_report.macs_conv_fc,
-                "params_dense": d_report.params,
-                "_layers": d_report.per_layer,
-            }
-            ctx.say(f"seed {seed}: dense test top-1 {dense_metrics['dense_test_top1']:.4f}, "
-                    f"{d_report.macs / 1e6:.1f} M MACs, {d_report.params / 1e6:.3f} M params")
+            start: _DenseStart | None = None  # trained or loaded only if a cell of this seed still has to run
             for spec in recipe.methods:
                 for target in recipe.prune.targets:
-                    label = method_label(spec)
-                    params = {"method": spec["name"], "method_label": label, "seed": seed, "target": target,
-                              "model": recipe.model.name, "dataset": recipe.data.name,
-                              "scope": recipe.prune.scope, "iterations": recipe.prune.iterations,
-                              **{f"method.{k}": v for k, v in spec.items() if k != "name"}}
-                    with tracking.cell_run(f"{label}-s{seed}-t{target}", params, recipe.name) as run:
-                        cell = CellResult(label, seed, target, run.info.run_id)
-                        try:
-                            cell.metrics = run_cell(ctx, dense, dense_metrics, spec, seed, target)
-                        except (UserError, KeyboardInterrupt):
-                            raise
-                        except Exception as exc:  # isolate the failure: mark this cell, run the others
-                            cell.status = "FAILED"
-                            cell.error = f"{type(exc).__name__}: {exc}"
-                            kind = "diverged" if isinstance(exc, DivergedError) else "error"
-                            tracking.set_tags({"prunebench.error": cell.error[:4000], "prunebench.failure": kind})
-                            tracking.log_text(traceback.format_exc(), "traceback.txt")
-                            mlflow.end_run(status="FAILED")
-                            ctx.say(f"  {label} s{seed} t{target}: FAILED ({cell.error})")
-                        results.append(cell)
+                    key = cache.cell_key(rkey, spec, seed, target)
+                    old = earlier.get(key)
+                    if old is not None and old.info.status == "FINISHED":
+                        results.append(CellResult(method_label(spec), seed, target, old.info.run_id,
+                                                  metrics=dict(old.data.metrics), skipped=True))
+                        ctx.say(f"  {method_label(spec)} s{seed} t{target}: finished earlier (run {old.info.run_id})")
+                        continue
+                    start = start or _dense_start(ctx, seed)
+                    results.append(_run_isolated(ctx, start, spec, seed, target, key, old))
         summary = RunSummary(parent.info.run_id, recipe.experiment, uri, results)
     return summary
 
@@ -310,6 +579,7 @@ def format_summary(summary: RunSummary) -> str:
         lines.append(
             f"{c.method:<24} {c.seed:>4} {c.target:>6.2f} {100 * m['test_top1']:>6.2f}% {100 * m['dense_test_top1']:>6.2f}% "
             f"{m['macs'] / 1e6:>9.2f} {m['macs_reduction']:>6.3f} {m['params'] / 1e6:>9.3f} {m['speedup']:>6.2f}x"
+            + ("  (finished earlier)" if c.skipped else "")
         )
     lines.append(f"\nMLflow: {summary.tracking_uri}  experiment {summary.experiment!r}  parent run {summary.parent_run_id}")
     lines.append("Compare: prunebench compare --experiment " + repr(summary.experiment))
