@@ -22,5 +22,6 @@ def close_matches(name: str, known: Iterable[str], n: int = 3) -> str:
     known = sorted(known)
     hits = difflib.get_close_matches(name, known, n=n, cutoff=0.5)
     hint = f" Did you mean {', '.join(repr(h) for h in hits)}?" if hits else ""
-    listing = ", ".join(known) if len(known) <= 30 else ", ".join(known[:30]) + f", ... ({len(known)} in all)"
-    return f"{hint} Known: {listing}."
+    if len(known) > 30:  # e.g. timm's ~1400 models: the hint is what helps, a partial list is noise
+        return hint + f" ({len(known)} known names.)"
+    return f"{hint} Known: {', '.join(known)}."
