@@ -1,10 +1,18 @@
-"""Content-hashed cache of dense checkpoints, and atomic, safe checkpoint files.
+"""What ``prunebench run`` keeps on disk under the recipe's ``workdir``, and how it is written and read.
 
-The dense model of a seed is computed once per (data, model, dense schedule, seed) and reused by every
-method of that seed and by later invocations: the key is a hash of exactly the recipe sections that
-determine the dense weights. A file lock makes concurrent ``prunebench run`` processes train it once:
-the second waits and reuses the first one's file. Files are written atomically (temporary file, fsync,
-rename) and read with ``torch.load(weights_only=True)``, so nothing in a checkpoint can run code.
+* ``dense/`` -- the dense model of a seed, trained once per (data, model, dense schedule, seed) and reused
+  by every method of that seed and by later invocations: the key is a hash of exactly the recipe sections
+  that determine the dense weights. A file lock makes concurrent ``prunebench run`` processes train it
+  once: the second waits and reuses the first one's file. ``<name>.partial.pt`` is the dense training's
+  checkpoint of its last finished epoch (``--resume`` continues from it).
+* ``checkpoints/<cell run id>/last.pt`` -- the checkpoint of an unfinished cell (see
+  :class:`TrainingCheckpoint`); removed once the cell is FINISHED.
+* ``pruned/`` -- the final pruned models.
+
+Every file is written atomically (temporary file, fsync, rename) with SIGINT/SIGTERM held back until
+the rename is done, so an interrupted run never leaves a torn file, and a SIGKILL leaves at worst a
+stray temporary file, never a half-written checkpoint under the real name. Everything is read with
+``torch.load(weights_only=True)``: nothing in a checkpoint can run code.
 """
 
 from __future__ import annotations
@@ -12,16 +20,36 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import random
+import signal
 import tempfile
+import threading
+from collections.abc import Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import torch
 from filelock import FileLock
+from torch import nn
 
+from prunebench.errors import UserError
 from prunebench.recipe import Recipe
+from prunebench.serialize import load_pruned, pruned_payload
 
-CACHE_VERSION = 1  # bump when the meaning of a cached dense checkpoint changes
+CACHE_VERSION = 2  # bump when the meaning of a cached dense checkpoint changes (2: init drawn after seeding)
+CHECKPOINT_VERSION = 1
+
+_HELD_SIGNALS = (signal.SIGINT, signal.SIGTERM)
+
+
+# -- keys --------------------------------------------------------------------------------------------
+
+
+def _hash(payload: Any) -> str:
+    return hashlib.sha256(json.dumps(payload, sort_keys=True, default=str).encode()).hexdigest()[:16]
 
 
 def dense_key(recipe: Recipe, seed: int) -> str:
@@ -35,29 +63,20 @@ def dense_key(recipe: Recipe, seed: int) -> str:
         "seed": seed,
         "device_type": "cuda" if recipe.train.device.startswith("cuda") else recipe.train.device,
     }
-    blob = json.dumps(payload, sort_keys=True).encode()
-    return hashlib.sha256(blob).hexdigest()[:16]
+    return _hash(payload)
 
 
-def atomic_save(obj: Any, path: str | Path) -> None:
-    """``torch.save`` to a temporary file in the same folder, fsync, then rename over ``path``."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(fd, "wb") as f:
-            torch.save(obj, f)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+def recipe_key(recipe: Recipe) -> str:
+    """Hash of the resolved recipe minus where it is logged: ``--resume`` reopens a parent run with this key."""
+    return _hash({"v": CHECKPOINT_VERSION, **recipe.model_dump(mode="json", exclude={"tracking"})})
 
 
-def safe_load(path: str | Path) -> Any:
-    """Load a checkpoint without executing code from it."""
-    return torch.load(path, map_location="cpu", weights_only=True)
+def cell_key(recipe_hash: str, spec: dict[str, Any], seed: int, target: float) -> str:
+    """Identity of one cell of a grid (tagged on its MLflow run, checked against its checkpoint)."""
+    return _hash({"recipe": recipe_hash, "method": spec, "seed": seed, "target": target})
+
+
+# -- paths -------------------------------------------------------------------------------------------
 
 
 def workdir(recipe: Recipe) -> Path:
@@ -69,6 +88,173 @@ def dense_path(recipe: Recipe, seed: int) -> Path:
     return workdir(recipe) / "dense" / f"{recipe.model.name}-{dense_key(recipe, seed)}.pt"
 
 
+def dense_partial_path(recipe: Recipe, seed: int) -> Path:
+    """The dense training's checkpoint (last finished epoch) while it is not finished."""
+    return dense_path(recipe, seed).with_suffix(".partial.pt")
+
+
+def cell_checkpoint_path(recipe: Recipe, run_id: str) -> Path:
+    return workdir(recipe) / "checkpoints" / run_id / "last.pt"
+
+
 def lock_for(path: Path) -> FileLock:
     path.parent.mkdir(parents=True, exist_ok=True)
     return FileLock(str(path) + ".lock")
+
+
+def check_writable(folder: Path, what: str = "workdir") -> None:
+    """Fail now, with a :class:`UserError`, if files cannot be created under ``folder``.
+
+    Creates nothing that stays: the probe is a temporary file in the nearest existing ancestor, so a
+    refused run leaves no folder behind.
+    """
+    probe = folder.absolute()
+    while not probe.exists():
+        probe = probe.parent
+    if not probe.is_dir():
+        raise UserError(f"{what} {str(folder)!r} cannot be created: {str(probe)!r} is a file; set {what} to a folder")
+    try:
+        with tempfile.TemporaryFile(dir=probe):
+            pass
+    except OSError as exc:
+        raise UserError(f"{what} {str(folder)!r} is not writable ({exc.strerror or exc}); set {what} to a "
+                        "writable folder") from None
+
+
+# -- atomic writes -------------------------------------------------------------------------------------
+
+_holding = False  # a signals_held() block is open (main thread only)
+
+
+@contextmanager
+def signals_held() -> Iterator[None]:
+    """Hold SIGINT/SIGTERM back for the duration of the block, then deliver them.
+
+    Used around writes that must complete (a checkpoint, the metrics that go with it): the signal's
+    normal handler runs right after the block. Nested blocks are part of the outer one; outside the
+    main thread (where Python delivers no signals) it does nothing.
+    """
+    global _holding
+    if _holding or threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    pending: list[int] = []
+    previous = {s: signal.signal(s, lambda signum, _frame: pending.append(signum)) for s in _HELD_SIGNALS}
+    _holding = True
+    try:
+        yield
+    finally:
+        _holding = False
+        for s, handler in previous.items():
+            signal.signal(s, handler if handler is not None else signal.SIG_DFL)
+        for s in dict.fromkeys(pending):
+            signal.raise_signal(s)
+
+
+def atomic_save(obj: Any, path: str | Path) -> None:
+    """``torch.save`` to a temporary file in the same folder, fsync, then rename over ``path``."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with signals_held():
+        fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+        try:
+            with os.fdopen(fd, "wb") as f:
+                torch.save(obj, f)
+                f.flush()
+                os.fsync(f.fileno())
+            os.replace(tmp, path)
+        except BaseException:
+            Path(tmp).unlink(missing_ok=True)
+            raise
+
+
+def safe_load(path: str | Path) -> Any:
+    """Load a checkpoint without executing code from it."""
+    return torch.load(path, map_location="cpu", weights_only=True)
+
+
+# -- RNG state -----------------------------------------------------------------------------------------
+
+
+def rng_state() -> dict[str, Any]:
+    """Python, NumPy, torch CPU and CUDA generator states, as values ``torch.load(weights_only=True)`` reads."""
+    name, keys, pos, has_gauss, cached = np.random.get_state()  # type: ignore[misc]
+    return {
+        "python": random.getstate(),
+        "numpy": [name, torch.from_numpy(np.asarray(keys, dtype=np.int64)), int(pos), int(has_gauss), float(cached)],
+        "torch": torch.get_rng_state(),
+        "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() and torch.cuda.is_initialized() else [],
+    }
+
+
+def set_rng_state(state: dict[str, Any]) -> None:
+    """Restore what :func:`rng_state` captured (the random draws then continue exactly as before)."""
+    version, internal, gauss = state["python"]
+    random.setstate((version, tuple(internal), gauss))
+    name, keys, pos, has_gauss, cached = state["numpy"]
+    np.random.set_state((name, keys.numpy().astype(np.uint32), pos, has_gauss, cached))
+    torch.set_rng_state(state["torch"])
+    if state["cuda"] and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda"])
+
+
+# -- training checkpoints ---------------------------------------------------------------------------------
+
+
+@dataclass
+class TrainingCheckpoint:
+    """Where a training run stood at the end of an epoch (or of a pruning step), enough to continue it
+    so that the rest of the run is bit-for-bit what it would have been on the CPU.
+
+    On disk it is a pruned-model file of :mod:`prunebench.serialize` (weights plus the per-module channel
+    counts, so a pruned architecture is rebuilt from the dense constructor) with these fields added. The
+    learning rate needs no state: it is a pure function of the schedule and the epoch, and so is the
+    data order (``Context.batches_for``).
+    """
+
+    kind: str  # "dense" or "cell"
+    key: str  # dense key or cell key: a checkpoint is only used for what it was written for
+    phase: int  # index of the cell's phase (sparsity, prune steps, fine-tuning); 0 for dense training
+    stage: str
+    epoch: int  # last finished epoch of the phase; -1 for a pruning step
+    step: int  # global epoch of the cell reached (MLflow step)
+    run_id: str | None = None
+    optimizer: dict[str, Any] | None = None
+    rng: dict[str, Any] | None = None
+
+    def save(self, model: nn.Module, path: Path) -> None:
+        """Write the checkpoint (model, optimizer and RNG states) atomically to ``path``."""
+        payload = pruned_payload(model)
+        payload["checkpoint"] = {"version": CHECKPOINT_VERSION, "kind": self.kind, "key": self.key,
+                                 "phase": self.phase, "stage": self.stage, "epoch": self.epoch, "step": self.step,
+                                 "run_id": self.run_id}
+        payload["optimizer"] = self.optimizer
+        payload["rng"] = self.rng if self.rng is not None else rng_state()
+        atomic_save(payload, path)
+
+    @classmethod
+    def read(cls, path: Path) -> TrainingCheckpoint | None:
+        """The checkpoint at ``path`` without its weights, or ``None`` when there is none (or an old one)."""
+        if not path.is_file():
+            return None
+        try:
+            payload = safe_load(path)
+        except Exception:  # unreadable (written by something else): start over rather than crash
+            return None
+        info = payload.get("checkpoint") if isinstance(payload, dict) else None
+        if not isinstance(info, dict) or info.get("version") != CHECKPOINT_VERSION:
+            return None
+        fields = {k: info[k] for k in ("kind", "key", "phase", "stage", "epoch", "step", "run_id")}
+        return cls(**fields, optimizer=payload.get("optimizer"), rng=payload.get("rng"))
+
+    @staticmethod
+    def load_model(path: Path, fresh: nn.Module) -> nn.Module:
+        """Reshape ``fresh`` (a new instance of the dense architecture) into the checkpointed model, in place.
+
+        Resized tensors are created in the default memory format: call ``prepare_model`` again on CUDA.
+        """
+        return load_pruned(path, fresh)
+
+    def describe(self) -> str:
+        where = f"{self.stage} epoch {self.epoch + 1}" if self.epoch >= 0 else f"{self.stage} (done)"
+        return f"checkpoint after {where}"

@@ -1,7 +1,7 @@
 """The ``prunebench`` command line.
 
 Exit status: 0 success, 1 a run failed (a cell raised or diverged), 2 bad input (a message naming the
-problem and the fix, no traceback), 130/143 interrupted.
+problem and the fix, no traceback), 130/143 interrupted by SIGINT/SIGTERM (``run`` prints how to resume).
 """
 
 from __future__ import annotations
@@ -9,6 +9,7 @@ from __future__ import annotations
 import argparse
 import importlib
 import os
+import shlex
 import sys
 from collections.abc import Sequence
 
@@ -21,6 +22,7 @@ EPILOG = """\
 examples:
   prunebench run recipes/quickstart.yaml                   # the offline demo (digits, a few minutes on a CPU)
   prunebench run recipes/cifar10_resnet56.yaml -o seeds=1  # override any recipe key (value parsed as YAML)
+  prunebench run recipes/cifar10_resnet56.yaml --resume    # after a crash or Ctrl-C: skip finished cells
   prunebench compare --out reports/quickstart              # tables and plots from MLflow
   prunebench methods                                       # registered pruning methods
   prunebench models '*cifar*'                              # models usable in a recipe
@@ -43,6 +45,15 @@ def _add_run(sub: argparse._SubParsersAction) -> None:
                    help="override a recipe key; repeatable; the value is parsed as YAML")
     p.add_argument("-q", "--quiet", action="store_true", help="no progress bars (for logs and CI)")
     p.add_argument("--dry-run", action="store_true", help="validate the recipe, print the resolved version and stop")
+    p.add_argument("--resume", action="store_true",
+                   help="continue the latest run of this same recipe: skip its finished cells, continue the others "
+                   "from their last checkpoints in their own MLflow runs (nothing to resume: a normal run)")
+
+
+def resume_command(args: argparse.Namespace) -> str:
+    """The command line that resumes this ``prunebench run`` invocation."""
+    argv = [args.recipe, *(a for o in args.override for a in ("-o", o)), *(["-q"] if args.quiet else []), "--resume"]
+    return "prunebench run " + shlex.join(argv)
 
 
 def _run(args: argparse.Namespace) -> int:
@@ -52,14 +63,22 @@ def _run(args: argparse.Namespace) -> int:
     if args.dry_run:
         print(dump_recipe(recipe), end="")
         return 0
-    from prunebench.pipeline import format_summary, run_recipe
+    from prunebench.pipeline import Interrupted, format_summary, handle_signals, run_recipe
 
-    summary = run_recipe(recipe, quiet=args.quiet)
+    try:
+        with handle_signals():
+            summary = run_recipe(recipe, quiet=args.quiet, resume=args.resume)
+    except Interrupted as exc:
+        print(f"\nprunebench: stopped by {exc.signal_name}; unfinished cells are marked KILLED in MLflow and keep "
+              f"their last checkpoint. Resume with:\n  {resume_command(args)}", file=sys.stderr)
+        return exc.exit_code
     print(format_summary(summary))
     if summary.failed:
-        print(f"\n{len(summary.failed)} of {len(summary.cells)} cells failed:", file=sys.stderr)
+        print(f"\n{len(summary.failed)} of {len(summary.cells)} cells failed (details: the run's prunebench.error "
+              "tag and traceback.txt):", file=sys.stderr)
         for c in summary.failed:
             print(f"  {c.method} seed {c.seed} target {c.target}: {c.error}", file=sys.stderr)
+        print(f"Retry them (finished cells are skipped) with:\n  {resume_command(args)}", file=sys.stderr)
         return 1
     return 0
 

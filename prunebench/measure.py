@@ -104,6 +104,20 @@ def _out_channels(m: nn.Module) -> int:
     return int(m.out_features if isinstance(m, nn.Linear) else m.out_channels)
 
 
+def latency_ready(model: nn.Module, device: str | torch.device) -> nn.Module:
+    """A copy of ``model`` prepared the way latency is measured: on ``device``, eval mode, channels_last.
+
+    channels_last on every device, the CPU included: oneDNN runs NHWC convolutions directly (brgemm
+    kernels), while an NCHW input is reordered to a channel-blocked layout before every convolution and
+    back after it, with the channel count padded up to the vector width (8 floats on AVX2). For a pruned
+    network with widths such as 9 or 17 that padding and the reorders eat much of the saving
+    (``prunebench bench`` measured, with oneDNN's verbose log, a 16->9 conv at batch 128: 30 ms NCHW
+    including 6 ms of reorders, 9 ms NHWC). The caller's model is left as it was.
+    """
+    net = copy.deepcopy(model).to(device).eval()
+    return net.to(memory_format=torch.channels_last)
+
+
 def measure_latency(
     model: nn.Module,
     example_input_shape: Sequence[int],
@@ -115,21 +129,17 @@ def measure_latency(
     """Median milliseconds per forward pass at each batch size.
 
     ``example_input_shape`` is one sample's shape (``C, H, W``; a leading batch dimension is dropped).
-    Runs on a copy of the model (so the caller's memory format and device stay as they were), in eval
-    mode under ``inference_mode``; on CUDA in channels_last with bf16 autocast, as a deployment would,
-    and with a synchronize around every timed call so the figure is the kernel time, not launch time.
+    Runs on a copy of the model (see :func:`latency_ready`: channels_last on every device), in eval
+    mode under ``inference_mode``; on CUDA with bf16 autocast, as a deployment would, and with a
+    synchronize around every timed call so the figure is the kernel time, not launch time.
     """
     device = torch.device(device)
     shape = tuple(example_input_shape)[-3:] if len(example_input_shape) >= 4 else tuple(example_input_shape)
     cuda = device.type == "cuda"
-    net = copy.deepcopy(model).to(device).eval()
-    if cuda:
-        net = net.to(memory_format=torch.channels_last)
+    net = latency_ready(model, device)
     out: dict[int, float] = {}
     for bs in batch_sizes:
-        x = torch.randn((bs, *shape), device=device)
-        if cuda:
-            x = x.contiguous(memory_format=torch.channels_last)
+        x = latency_input(bs, shape, device)
         times = []
         with torch.inference_mode(), torch.autocast(device.type, dtype=torch.bfloat16, enabled=cuda):
             for i in range(warmup + repeats):
@@ -141,6 +151,12 @@ def measure_latency(
                     times.append((time.perf_counter() - t0) * 1e3)
         out[int(bs)] = statistics.median(times)
     return out
+
+
+def latency_input(batch: int, shape: Sequence[int], device: torch.device) -> Tensor:
+    """A random input batch of one sample ``shape`` (``C, H, W``), channels_last when it is an image batch."""
+    x = torch.randn((batch, *shape), device=device)
+    return x.contiguous(memory_format=torch.channels_last) if x.dim() == 4 else x
 
 
 def _sync(device: torch.device) -> None:

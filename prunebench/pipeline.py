@@ -50,8 +50,8 @@ from prunebench.models import create_model
 from prunebench.recipe import Recipe, Schedule, dump_recipe, method_label
 from prunebench.registry import broken_methods, build_method
 from prunebench.serialize import pruned_payload
-from prunebench.train import (EpochStats, evaluate, make_optimizer, prepare_model, resolve_device, seed_everything,
-                              train)
+from prunebench.train import (DivergedError, EpochStats, evaluate, make_optimizer, prepare_model, resolve_device,
+                              seed_everything, train)
 
 _STAGE_CODE = {"dense": 1, "sparsity": 2, "between": 3, "finetune": 4}
 
@@ -260,7 +260,7 @@ def _train_dense(ctx: Context, model: nn.Module, seed: int, path: Path) -> None:
         start = None
     optimizer = None
     if start is not None:
-        start.load_model(partial, model)
+        prepare_model(start.load_model(partial, model), ctx.device, recipe.train)
         optimizer = make_optimizer(model, recipe.dense)
         optimizer.load_state_dict(start.optimizer)
         cache.set_rng_state(start.rng)  # type: ignore[arg-type]
@@ -272,8 +272,12 @@ def _train_dense(ctx: Context, model: nn.Module, seed: int, path: Path) -> None:
         TrainingCheckpoint("dense", key, 0, "dense", stats.epoch, stats.epoch + 1,
                            optimizer=opt.state_dict()).save(model, partial)
 
-    train(model, ctx.batches_for(seed, "dense"), recipe.dense, opts=recipe.train, desc=f"dense s{seed}",
-          quiet=ctx.quiet, start_epoch=start.epoch + 1 if start else 0, optimizer=optimizer, on_epoch_end=epoch_end)
+    try:
+        train(model, ctx.batches_for(seed, "dense"), recipe.dense, opts=recipe.train, desc=f"dense s{seed}",
+              quiet=ctx.quiet, start_epoch=start.epoch + 1 if start else 0, optimizer=optimizer, on_epoch_end=epoch_end)
+    except DivergedError as exc:  # every cell of the seed would start from it: a recipe problem, not a cell's
+        raise UserError(f"dense training of seed {seed} diverged ({exc}); lower dense.lr or add "
+                        "dense.warmup_epochs") from exc
     cache.atomic_save({"state_dict": model.state_dict(), "key": key}, path)
     partial.unlink(missing_ok=True)
 
@@ -348,28 +352,14 @@ def train_and_prune(ctx: Context, dense: nn.Module, macs_dense: float, spec: dic
     (written by the same run) is where the cell continues: earlier phases are skipped, the model, the
     optimizer and the RNG states are restored, so the rest runs exactly as it would have.
     """
-    recipe, label = ctx.recipe, method_label(spec)
+    recipe, where = ctx.recipe, f"{method_label(spec)} s{seed} t{target}"
     method = build_method(spec)
     phases = cell_phases(recipe, method)
     seed_everything(seed)
     start = _resume_point(ctx, checkpoints, phases)
-    if start is None:
-        model = copy.deepcopy(dense)
-    else:
-        model = start.load_model(checkpoints.path, ctx.new_model())  # type: ignore[union-attr]
-        ctx.say(f"  {label} s{seed} t{target}: resuming from its {start.describe()}")
-    snapshot = {k: v.clone() for k, v in model.state_dict().items()} if start is not None else None
-
-    _, groups = build_groups(model, ctx.example, scope=recipe.prune.scope, ignored_layers=recipe.prune.ignored_layers)
-    method.attach(model, groups)
-    calib = None
-    if method.uniform:
-        g = torch.Generator().manual_seed(seed)
-        images = ctx.data.calibration_batch(recipe.prune.calib_images, g)
-        calib = Calibration(model=model, batches=list(images.split(recipe.data.eval_batch_size)))
-    if start is not None:  # exactly the checkpointed state, whatever tracing did to buffers; then its RNG
-        model.load_state_dict(snapshot)  # type: ignore[arg-type]
-        cache.set_rng_state(start.rng)  # type: ignore[arg-type]
+    if start is not None:
+        ctx.say(f"  {where}: resuming from its {start.describe()}")
+    model, calib = _cell_setup(ctx, dense, method, seed, start, checkpoints)
 
     step = 0
     stages: dict[str, list[int]] = {}
@@ -377,7 +367,7 @@ def train_and_prune(ctx: Context, dense: nn.Module, macs_dense: float, spec: dic
         done_before = start is not None and i <= start.phase
         if phase.sched is None:  # a pruning step
             if not done_before:
-                _prune_step(ctx, model, method, phase.iteration, target, macs_dense, calib, f"{label} s{seed} t{target}")
+                _prune_step(ctx, model, method, phase.iteration, target, macs_dense, calib, where)
                 if checkpoints is not None:
                     checkpoints.save(model, i, phase.stage, -1, step)
             continue
@@ -402,11 +392,38 @@ def train_and_prune(ctx: Context, dense: nn.Module, macs_dense: float, spec: dic
                 if checkpoints is not None:
                     checkpoints.save(model, i, stage, stats.epoch, first + stats.epoch + 1, opt)
 
-        train(model, ctx.batches_for(seed, phase.stage), phase.sched,
-              method=method if phase.with_method else None, opts=recipe.train,
-              desc=f"{label} s{seed} t{target} {phase.stage}", quiet=ctx.quiet, start_epoch=begin,
+        train(model, ctx.batches_for(seed, phase.stage), phase.sched, method=method if phase.with_method else None,
+              opts=recipe.train, desc=f"{where} {phase.stage}", quiet=ctx.quiet, start_epoch=begin,
               optimizer=optimizer, val_fn=ctx.val_fn, on_epoch_end=epoch_end)
     return model, stages
+
+
+def _cell_setup(ctx: Context, dense: nn.Module, method: PruningMethod, seed: int, start: TrainingCheckpoint | None,
+                checkpoints: CellCheckpoints | None) -> tuple[nn.Module, Calibration | None]:
+    """The cell's model -- a copy of ``dense``, or rebuilt from the checkpoint ``start`` -- with ``method``
+    attached to its groups, and the calibration images of a uniform (ThiNet-like) method.
+
+    When resuming, the checkpointed weights, buffers and RNG states are put back *after* the tracing
+    and set-up, so nothing those do can make the rest of the cell differ from an uninterrupted one.
+    """
+    recipe = ctx.recipe
+    if start is None:
+        model = copy.deepcopy(dense)
+    else:
+        assert checkpoints is not None
+        model = prepare_model(start.load_model(checkpoints.path, ctx.new_model()), ctx.device, recipe.train)
+    snapshot = {k: v.clone() for k, v in model.state_dict().items()} if start is not None else None
+    _, groups = build_groups(model, ctx.example, scope=recipe.prune.scope, ignored_layers=recipe.prune.ignored_layers)
+    method.attach(model, groups)
+    calib = None
+    if method.uniform:
+        g = torch.Generator().manual_seed(seed)
+        images = ctx.data.calibration_batch(recipe.prune.calib_images, g)
+        calib = Calibration(model=model, batches=list(images.split(recipe.data.eval_batch_size)))
+    if start is not None and snapshot is not None:
+        model.load_state_dict(snapshot)
+        cache.set_rng_state(start.rng)  # type: ignore[arg-type]
+    return model, calib
 
 
 def _prune_step(ctx: Context, model: nn.Module, method: PruningMethod, j: int, target: float, macs_dense: float,
@@ -540,10 +557,11 @@ def run_recipe(recipe: Recipe, *, quiet: bool = False, resume: bool = False) -> 
     rkey = cache.recipe_key(recipe)
     previous = tracking.find_parent(recipe.experiment, rkey) if resume else None
     earlier = tracking.cell_runs(previous) if previous is not None else {}
-    if resume:
-        ctx.say(f"resuming parent run {previous.info.run_id} ({sum(r.info.status == 'FINISHED' for r in earlier.values())}"
-                f" finished cells)" if previous is not None else
-                f"nothing to resume for this recipe in experiment {recipe.experiment!r}; starting a new run")
+    if resume and previous is not None:
+        finished = sum(r.info.status == "FINISHED" for r in earlier.values())
+        ctx.say(f"resuming parent run {previous.info.run_id} ({finished} finished cells)")
+    elif resume:
+        ctx.say(f"nothing to resume for this recipe in experiment {recipe.experiment!r}; starting a new run")
     results: list[CellResult] = []
     run_name = f"{recipe.name}-{time.strftime('%Y%m%d-%H%M%S')}"
     with tracking.parent_run(recipe.name, run_name, dump_recipe(recipe), recipe_key=rkey,

@@ -134,6 +134,96 @@ class MeasureConfig(_Strict):
     repeats: int = Field(10, ge=1)
 
 
+class SearchSpace(_Strict):
+    """The range (or the choices) ``prunebench tune`` searches for one method parameter.
+
+    ``low``/``high`` give a float range (an int range when both are integers), sampled on a log scale
+    with ``log: true``; ``choices`` gives a categorical parameter instead.
+    """
+
+    low: float | int | None = None
+    high: float | int | None = None
+    log: bool = Field(False, description="sample uniformly in log space (regularization factors: true)")
+    step: float | int | None = Field(None, gt=0, description="discretization step of the range (not with log)")
+    choices: list[Any] | None = Field(None, min_length=1, description="categorical values instead of a range")
+
+    @model_validator(mode="after")
+    def _one_form(self) -> SearchSpace:
+        if self.choices is not None:
+            if self.low is not None or self.high is not None or self.log or self.step is not None:
+                raise ValueError("a search space has either choices or low/high (with log/step), not both")
+            return self
+        if self.low is None or self.high is None:
+            raise ValueError("a search space needs low and high (e.g. {low: 1.0e-6, high: 1.0e-2, log: true}) or choices")
+        if not self.low <= self.high:
+            raise ValueError(f"search space low {self.low} is above high {self.high}")
+        if self.log and self.low <= 0:
+            raise ValueError(f"a log-scale search space needs low > 0 (got {self.low})")
+        if self.log and self.step is not None:
+            raise ValueError("a search space cannot have both log: true and a step")
+        return self
+
+    @property
+    def ends(self) -> list[Any]:
+        """The values that bound the space (every choice, or low and high): all must be valid values."""
+        return list(self.choices) if self.choices is not None else [self.low, self.high]
+
+    @property
+    def is_int(self) -> bool:
+        return all(isinstance(v, int) and not isinstance(v, bool) for v in (self.low, self.high)) and (
+            self.step is None or isinstance(self.step, int))
+
+
+def is_search_space(value: Any) -> bool:
+    """Whether a method parameter is written as a search space (``lambda: {tune: [1e-6, 1e-3], log: true}``)."""
+    return isinstance(value, dict) and "tune" in value
+
+
+def parse_search_space(value: dict[str, Any]) -> SearchSpace:
+    """A method parameter's inline space: ``{tune: [low, high], log:, step:}`` or ``{tune: {choices: [...]}}``."""
+    rest = {k: v for k, v in value.items() if k != "tune"}
+    spec = value["tune"]
+    if isinstance(spec, list):
+        if len(spec) != 2:
+            raise ValueError(f"tune: [low, high] needs exactly two numbers (got {spec!r}); "
+                             "write tune: {choices: [...]} for a categorical parameter")
+        return SearchSpace.model_validate({"low": spec[0], "high": spec[1], **rest})
+    if isinstance(spec, dict):
+        return SearchSpace.model_validate({**spec, **rest})
+    raise ValueError(f"tune: expects [low, high] or a mapping such as {{choices: [...]}} (got {spec!r})")
+
+
+class TuneConfig(_Strict):
+    """The ``tune:`` section: search spaces per method and how ``prunebench tune`` runs its studies.
+
+    Trials run a short schedule (``sparsity_epochs``, ``finetune_epochs``) at one MACs target from the
+    cached dense model of one seed and are scored on the validation split, never on test.
+    """
+
+    spaces: dict[str, dict[str, SearchSpace]] = Field(
+        default_factory=dict, description="method name -> parameter -> space; a method with `lambda` and no "
+        "space gets a log-uniform range from 1/100 to 100 times its default")
+    trials: int = Field(20, ge=1, description="trials each study should have in total (a rerun tops up)")
+    timeout: float | None = Field(None, gt=0, description="seconds per method after which no new trial starts")
+    objective: Literal["val_top1"] = Field("val_top1", description="validation top-1 of the pruned, fine-tuned model")
+    target: float | None = Field(None, gt=0, lt=1, description="MACs reduction of the trials (default: the first target)")
+    seed: int | None = Field(None, description="dense seed the trials start from (default: the first seed)")
+    sparsity_epochs: int | None = Field(None, ge=0, description="sparsity-training epochs of a trial (default: the recipe's)")
+    finetune_epochs: int | None = Field(None, ge=0, description="fine-tuning epochs of a trial (default: the recipe's)")
+    sampler: Literal["tpe", "random"] = "tpe"
+    sampler_seed: int = Field(0, description="seed of the sampler (mixed with the trial number)")
+    startup_trials: int | None = Field(None, ge=0, description="TPE: random trials first (default: min(10, trials // 3))")
+    pruner: Literal["median", "hyperband", "none"] = "median"
+    pruner_warmup_epochs: int | None = Field(
+        None, ge=0, description="epochs before the pruner may stop a trial (default: the sparsity epochs, so "
+        "trials are judged on the pruned model)")
+    storage: str | None = Field(None, description="Optuna RDB URL (default: optuna.db beside the MLflow SQLite store)")
+    study: str | None = Field(None, description="study name (default: <recipe name>-<method>)")
+    heartbeat_interval: int | None = Field(
+        60, ge=1, description="seconds between a running trial's heartbeats; a trial silent for two intervals "
+        "(its process died) is marked failed")
+
+
 class Recipe(_Strict):
     """A whole comparison: methods x seeds x targets on one model and dataset."""
 
@@ -151,7 +241,7 @@ class Recipe(_Strict):
     train: TrainOptions = Field(default_factory=TrainOptions)
     measure: MeasureConfig = Field(default_factory=MeasureConfig)
     workdir: str = Field(".prunebench", description="dense cache and checkpoints")
-    tune: dict[str, Any] | None = Field(None, description="search spaces for `prunebench tune`")
+    tune: TuneConfig | None = Field(None, description="search spaces and study settings for `prunebench tune`")
 
     @field_validator("seeds")
     @classmethod
@@ -319,19 +409,29 @@ def format_validation_error(exc: ValidationError, source: str) -> str:
     return f"{source}: {key}: {msg}{more}"
 
 
-def load_recipe(path: str | Path, overrides: list[str] | tuple[str, ...] = (), *, check_methods: bool = True) -> Recipe:
-    """Read, merge, override and validate a recipe; every problem is a one-line :class:`UserError`."""
-    path = Path(path)
-    data = _resolve_extends(path)
+def recipe_data(path: str | Path, overrides: list[str] | tuple[str, ...] = ()) -> dict[str, Any]:
+    """The recipe as plain data after ``extends`` and overrides, before validation."""
+    data = _resolve_extends(Path(path))
     for ov in overrides:
         apply_override(data, ov)
+    return data
+
+
+def load_recipe(path: str | Path, overrides: list[str] | tuple[str, ...] = (), *, check_methods: bool = True,
+                allow_spaces: bool = False) -> Recipe:
+    """Read, merge, override and validate a recipe; every problem is a one-line :class:`UserError`.
+
+    ``allow_spaces`` accepts method parameters written as search spaces (``prunebench tune`` only).
+    """
+    path = Path(path)
+    data = recipe_data(path, overrides)
     try:
         recipe = Recipe.model_validate(data)
     except ValidationError as exc:
         raise UserError(format_validation_error(exc, str(path))) from None
     recipe._source = path  # type: ignore[attr-defined]
     if check_methods:
-        validate_methods(recipe, base_dir=path.parent)
+        validate_methods(recipe, base_dir=path.parent, allow_spaces=allow_spaces)
     return recipe
 
 
@@ -343,9 +443,13 @@ def resolve_plugin_path(plugin: str, base_dir: Path) -> Path:
     return base_dir / p
 
 
-def validate_methods(recipe: Recipe, base_dir: Path) -> None:
-    """Load the recipe's plugin files and validate every method entry against its parameter model."""
-    from prunebench.registry import build_method, load_plugin_file
+def validate_methods(recipe: Recipe, base_dir: Path, *, allow_spaces: bool = False) -> None:
+    """Load the recipe's plugin files and validate every method entry against its parameter model.
+
+    A parameter written as a search space is an error (run ``prunebench tune`` first) unless
+    ``allow_spaces``; then both ends of the range (or every choice) are validated instead.
+    """
+    from prunebench.registry import broken_methods, build_method, load_plugin_file
 
     src = str(getattr(recipe, "_source", "recipe"))
     for plugin in recipe.plugins:
@@ -357,8 +461,29 @@ def validate_methods(recipe: Recipe, base_dir: Path) -> None:
             load_plugin_file(path)
         except UserError as exc:
             raise UserError(f"{src}: plugins: {exc}") from None
+    broken = broken_methods()  # an installed plugin that fails to import fails its cells, not the recipe
     for i, spec in enumerate(recipe.methods):
-        build_method(spec, where=f"{src}: methods[{i}]")
+        where = f"{src}: methods[{i}]"
+        if spec["name"] in broken:
+            continue
+        spaces = {k: v for k, v in spec.items() if is_search_space(v)}
+        if spaces and not allow_spaces:
+            key = next(iter(spaces))
+            raise UserError(f"{where}.{key}: is a search space; run `prunebench tune {src}` first and then "
+                            f"`prunebench run` on the tuned recipe it writes (or give {key} a value)")
+        ends: dict[str, list[Any]] = {}
+        for key, raw in spaces.items():
+            try:
+                space = parse_search_space(raw)
+            except (ValueError, ValidationError) as exc:
+                msg = exc.errors()[0]["msg"] if isinstance(exc, ValidationError) else str(exc)
+                raise UserError(f"{where}.{key}: {msg.removeprefix('Value error, ')}") from None
+            ends[key] = space.ends
+        base = {**spec, **{k: v[0] for k, v in ends.items()}}
+        build_method(base, where=where)
+        for key, values in ends.items():  # every end of every range must be a valid value
+            for value in values[1:]:
+                build_method({**base, key: value}, where=where)
     names = [m["name"] for m in recipe.methods]
     labels = [method_label(m) for m in recipe.methods]
     if len(set(labels)) != len(labels):

@@ -27,6 +27,7 @@ from prunebench.method import PruningMethod
 ENTRY_POINT_GROUP = "prunebench.methods"
 
 _METHODS: dict[str, type[PruningMethod]] = {}
+_BROKEN: dict[str, tuple[str, Exception]] = {}  # entry-point name -> (its value, the import error)
 _loaded = False
 
 M = TypeVar("M", bound=type[PruningMethod])
@@ -72,6 +73,7 @@ def _ensure_loaded() -> None:
         try:
             ep.load()
         except Exception as exc:  # a broken third-party plugin must not take the others down
+            _BROKEN[ep.name] = (ep.value, exc)
             warnings.warn(
                 f"prunebench: method plugin {ep.name!r} ({ep.value}) failed to load and is skipped: "
                 f"{type(exc).__name__}: {exc}",
@@ -86,10 +88,22 @@ def available_methods() -> dict[str, type[PruningMethod]]:
     return dict(sorted(_METHODS.items()))
 
 
+def broken_methods() -> dict[str, str]:
+    """Entry-point methods whose plugin failed to import (name -> why), unless something else registered
+    the name. Recipes may name them: only their cells fail (see README "Resuming and failures")."""
+    _ensure_loaded()
+    return {n: f"plugin {value} failed to import: {type(exc).__name__}: {exc}"
+            for n, (value, exc) in _BROKEN.items() if n not in _METHODS}
+
+
 def get_method(name: str) -> type[PruningMethod]:
-    """The method class registered as ``name``; an unknown name is a :class:`UserError`."""
+    """The method class registered as ``name``; an unknown or broken name is a :class:`UserError`."""
     methods = available_methods()
     if name not in methods:
+        broken = broken_methods()
+        if name in broken:
+            raise UserError(f"method {name!r} is unavailable: {broken[name]}; fix or reinstall that "
+                            "package") from _BROKEN[name][1]
         raise UserError(f"unknown method {name!r}.{close_matches(name, methods)}")
     return methods[name]
 

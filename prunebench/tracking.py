@@ -150,6 +150,19 @@ def check_uri(uri: str | None) -> str:
     return uri
 
 
+@contextmanager
+def _first_use_lock(uri: str) -> Iterator[None]:
+    """Serialize connecting to one SQLite file across processes: the first connection creates the
+    tables (MLflow's migrations are not safe to run twice at once) and possibly the experiment."""
+    if not uri.startswith("sqlite:///"):
+        yield
+        return
+    from filelock import FileLock
+
+    with FileLock(uri.removeprefix("sqlite:///") + ".lock"):
+        yield
+
+
 def connect(uri: str | None, experiment: str) -> str:
     """Point MLflow at ``uri`` and select ``experiment``; fail *before* any training if unreachable."""
     _quiet_mlflow()
@@ -160,7 +173,7 @@ def connect(uri: str | None, experiment: str) -> str:
         _probe_http(uri)
     mlflow.set_tracking_uri(uri)
     try:
-        with _fail_fast():
+        with _fail_fast(), _first_use_lock(uri):
             retry(mlflow.set_experiment, experiment, transient=_is_race)
     except Exception as exc:  # unreachable server, bad scheme, deleted experiment, locked file...
         msg = str(exc).splitlines()[0][:200] if str(exc) else type(exc).__name__

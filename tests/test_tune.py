@@ -1,0 +1,278 @@
+"""``prunebench tune``: studies on tiny recipes -- storage, resume, parallel workers, MLflow layout, the tuned
+recipe, divergence, and that the test split is never read."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import optuna
+import pytest
+import yaml
+from optuna.trial import TrialState
+
+from prunebench.cli import main
+from prunebench.recipe import TuneConfig, load_recipe
+
+from conftest import ROOT
+
+SPACE = {"tune": [1.0e-6, 1.0e-3], "log": True}
+
+
+@pytest.fixture
+def tune_recipe(tiny_recipe: dict) -> dict:
+    """The tiny recipe with an inline search space for oicsr, a control without parameters and a tune: section."""
+    tiny_recipe["methods"] = [{"name": "oicsr", "lambda": dict(SPACE)}, {"name": "l1"}]
+    tiny_recipe["tune"] = {"sparsity_epochs": 1, "finetune_epochs": 1}
+    return tiny_recipe
+
+
+def _study(name: str = "tiny-oicsr", storage: str = "sqlite:///optuna.db") -> optuna.Study:
+    return optuna.load_study(study_name=name, storage=storage)
+
+
+def _runs(kind: str) -> list:
+    import mlflow
+
+    mlflow.set_tracking_uri("sqlite:///" + str(Path("mlflow.db").resolve()))
+    client = mlflow.MlflowClient()
+    exp = client.get_experiment_by_name("tiny")
+    assert exp is not None
+    return [r for r in client.search_runs([exp.experiment_id]) if r.data.tags.get("prunebench.kind") == kind]
+
+
+@pytest.fixture
+def contexts(monkeypatch: pytest.MonkeyPatch) -> list:
+    """Every pipeline Context created in this test (to read the data module's test_reads counter)."""
+    import prunebench.pipeline as pipeline
+
+    made: list = []
+
+    class Recording(pipeline.Context):
+        def __init__(self, *args, **kwargs) -> None:
+            super().__init__(*args, **kwargs)
+            made.append(self)
+
+    monkeypatch.setattr(pipeline, "Context", Recording)
+    return made
+
+
+def test_study_runs_logs_resumes_and_writes_a_runnable_tuned_recipe(write_recipe, tune_recipe, contexts, capsys) -> None:
+    import mlflow
+
+    path = write_recipe(tune_recipe)
+    assert main(["tune", str(path), "--trials", "3", "-q"]) == 0
+    out = capsys.readouterr().out
+    assert "l1: nothing to tune" in out and "tuned recipe: r.tuned.yaml" in out
+
+    # the SQLite study: 3 finished trials, numbered 0..2
+    assert Path("optuna.db").is_file()
+    study = _study()
+    trials = study.get_trials()
+    assert [t.number for t in trials] == [0, 1, 2]
+    assert all(t.state == TrialState.COMPLETE for t in trials)
+    assert all(1e-6 <= t.params["lambda"] <= 1e-3 for t in trials)
+    assert len({t.params["lambda"] for t in trials}) == 3
+    best = max(trials, key=lambda t: t.value)
+
+    # MLflow: one study run, each trial a nested run with its parameter and objective
+    studies, trial_runs = _runs("study"), _runs("trial")
+    assert len(studies) == 1 and len(trial_runs) == 3
+    srun = studies[0]
+    assert srun.data.params["best.lambda"] == str(best.params["lambda"])
+    assert srun.data.metrics["best_val_top1"] == pytest.approx(best.value)
+    by_number = {int(r.data.tags["prunebench.trial_number"]): r for r in trial_runs}
+    for t in trials:
+        run = by_number[t.number]
+        assert run.data.tags["mlflow.parentRunId"] == srun.info.run_id
+        assert float(run.data.params["method.lambda"]) == pytest.approx(t.params["lambda"])
+        assert run.data.metrics["val_top1"] == pytest.approx(t.value)
+        assert abs(run.data.metrics["macs_reduction"] - 0.4) <= 0.03
+        assert t.user_attrs["mlflow_run_id"] == run.info.run_id
+    client = mlflow.MlflowClient()
+    artifacts = {a.path for a in client.list_artifacts(srun.info.run_id)}
+    assert {"r.tuned.yaml", "trials.csv", "plots"} <= artifacts
+    plots = {Path(a.path).name for a in client.list_artifacts(srun.info.run_id, "plots")}
+    assert {"optimization_history.png", "param_importances.png", "slice.png"} <= plots
+
+    # the tuned recipe: the space replaced by the best value, the rest and the tune: section kept
+    tuned = yaml.safe_load(Path("r.tuned.yaml").read_text())
+    assert tuned["methods"] == [{"name": "oicsr", "lambda": best.params["lambda"]}, {"name": "l1"}]
+    assert tuned["tune"] == tune_recipe["tune"] and tuned["data"] == tune_recipe["data"]
+    assert all(c.data.test_reads == 0 for c in contexts) and contexts
+
+    # ... which `prunebench run` accepts unchanged
+    assert main(["run", "r.tuned.yaml", "-q"]) == 0
+    cells = _runs("cell")
+    assert len(cells) == 2 and all(c.info.status == "FINISHED" for c in cells)
+    assert {c.data.params["method"] for c in cells} == {"oicsr", "l1"}
+
+    # rerun with a larger total: the same study grows to 6 trials, in a second study run
+    contexts.clear()
+    capsys.readouterr()
+    assert main(["tune", str(path), "--trials", "6", "-q"]) == 0
+    assert "3 trials so far, topping up to 6" in capsys.readouterr().out
+    assert [s.study_name for s in optuna.get_all_study_summaries("sqlite:///optuna.db")] == ["tiny-oicsr"]
+    assert [t.number for t in _study().get_trials()] == list(range(6))
+    assert len(_runs("study")) == 2 and len(_runs("trial")) == 6
+    assert all(c.data.test_reads == 0 for c in contexts) and contexts
+
+    # the same command again: nothing left to do, no empty study run
+    assert main(["tune", str(path), "--trials", "6", "-q"]) == 0
+    assert "already has 6 trials" in capsys.readouterr().out
+    assert len(_study().get_trials()) == 6 and len(_runs("study")) == 2
+
+
+def test_two_processes_share_one_sqlite_study(write_recipe, tune_recipe, tmp_path: Path) -> None:
+    path = write_recipe(tune_recipe)
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONWARNINGS": "ignore"}
+    cmd = [sys.executable, "-m", "prunebench", "tune", str(path), "--trials", "4", "-q"]
+    procs = [subprocess.Popen(cmd, cwd=tmp_path, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+             for _ in range(2)]
+    outs = [p.communicate(timeout=600)[0] for p in procs]
+    for p, out in zip(procs, outs):
+        assert p.returncode == 0, out
+        assert "locked" not in out.lower() and "Traceback" not in out, out
+
+    trials = _study().get_trials()
+    n = len(trials)
+    assert 4 <= n <= 5  # a worker checks the count before each trial; both may start the last one together
+    assert [t.number for t in trials] == list(range(n))  # no duplicated numbers
+    assert all(t.state == TrialState.COMPLETE for t in trials)
+    workers = [t.user_attrs["worker"] for t in trials]
+    ran = [sum(f"trial {t.number}:" in out for t in trials) for out in outs]
+    assert sum(ran) == n and len(set(workers)) == sum(r > 0 for r in ran)  # every trial ran exactly once
+    assert len(_runs("study")) == 2 and len(_runs("trial")) == n
+    assert load_recipe(tmp_path / "r.tuned.yaml").methods[0]["name"] == "oicsr"
+
+
+def test_diverging_trials_are_pruned_and_the_study_goes_on(write_recipe, tune_recipe, contexts, capsys) -> None:
+    # a factor this large overflows the penalty to inf at the first step: DivergedError in the training loop
+    tune_recipe["tune"]["spaces"] = {"oicsr": {"lambda": {"low": 1.0e36, "high": 1.0e37, "log": True}}}
+    assert main(["tune", str(write_recipe(tune_recipe)), "--trials", "2", "-q"]) == 1  # no completed trial
+    out = capsys.readouterr().out
+    assert "diverged" in out and "no completed trial for oicsr" in out
+    trials = _study().get_trials()
+    assert len(trials) == 2
+    assert all(t.state == TrialState.PRUNED and t.user_attrs["failure"].startswith("diverged") for t in trials)
+    runs = _runs("trial")
+    assert len(runs) == 2 and all(r.data.tags["prunebench.failure"] == "diverged" for r in runs)
+    assert all(r.info.status == "KILLED" for r in runs)
+    assert all(c.data.test_reads == 0 for c in contexts)
+
+
+def test_a_failing_trial_is_marked_failed_and_the_study_goes_on(write_recipe, tune_recipe, monkeypatch, capsys) -> None:
+    import prunebench.pipeline as pipeline
+
+    def boom(*_args, **_kwargs):
+        raise RuntimeError("boom")
+
+    monkeypatch.setattr(pipeline, "train_and_prune", boom)
+    assert main(["tune", str(write_recipe(tune_recipe)), "--trials", "2", "-q"]) == 1
+    assert "FAILED (RuntimeError: boom)" in capsys.readouterr().out
+    trials = _study().get_trials()
+    assert len(trials) == 2 and all(t.state == TrialState.FAIL for t in trials)
+    assert all(t.user_attrs["failure"] == "error: RuntimeError: boom" for t in trials)
+    assert all(r.info.status == "FAILED" for r in _runs("trial"))
+
+
+def test_run_refuses_a_search_space(write_recipe, tune_recipe, capsys) -> None:
+    assert main(["run", str(write_recipe(tune_recipe)), "-q"]) == 2
+    err = capsys.readouterr().err
+    assert "methods[0].lambda: is a search space" in err and "prunebench tune" in err
+    assert not Path("mlflow.db").exists()
+
+
+BAD_SPACES = [
+    ({"methods": [{"name": "oicsr", "lambda": {"tune": [1e-3, 1e-6], "log": True}}]},
+     r"methods\[0\]\.lambda: .*above high"),
+    ({"methods": [{"name": "oicsr", "lambda": {"tune": [0, 1e-3], "log": True}}]}, r"log-scale .* needs low > 0"),
+    ({"methods": [{"name": "oicsr", "lambda": {"tune": [1e-6]}}]}, r"exactly two numbers"),
+    ({"methods": [{"name": "oicsr", "lambda": {"tune": [-1.0, 1.0]}}]},
+     r"methods\[0\]\.lambda: .*greater than or equal to 0"),
+    ({"tune": {"spaces": {"oicsr": {"lamda": {"low": 1e-6, "high": 1e-3}}}}}, r"no parameter 'lamda'.*'lambda'"),
+    ({"tune": {"spaces": {"oicrs": {"lambda": {"low": 1e-6, "high": 1e-3}}}}}, r"tune\.spaces\.oicrs: unknown method"),
+    ({"tune": {"spaces": {"oicsr": {"lambda": {"low": 1e-6}}}}}, r"needs low and high"),
+    ({"tune": {"pruner": "sometimes"}}, r"tune\.pruner: "),
+    ({"methods": [{"name": "l1"}, {"name": "random"}]}, r"nothing to tune"),
+]
+
+
+@pytest.mark.parametrize("change,message", BAD_SPACES, ids=[m for _, m in BAD_SPACES])
+def test_bad_tune_input_is_one_clear_error(write_recipe, tiny_recipe, change, message, capsys) -> None:
+    tiny_recipe["methods"] = [{"name": "oicsr"}]
+    tiny_recipe.update(change)
+    assert main(["tune", str(write_recipe(tiny_recipe))]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("prunebench: error: ") and len(err.strip().splitlines()) == 1
+    import re
+
+    assert re.search(message, err), err
+
+
+def test_bad_command_line_values(write_recipe, tune_recipe, capsys) -> None:
+    assert main(["tune", str(write_recipe(tune_recipe)), "--trials", "0"]) == 2
+    assert "--trials 0: " in capsys.readouterr().err
+    assert main(["tune", str(write_recipe(tune_recipe)), "--methods", "vgg"]) == 2
+    assert "--methods: vgg not in the recipe's methods (oicsr, l1)" in capsys.readouterr().err
+
+
+def test_plan_default_spaces_skips_and_study_names(write_recipe, tiny_recipe, capsys) -> None:
+    from prunebench.tune import plan_tasks
+
+    tiny_recipe["methods"] = [{"name": "oicsr"}, {"name": "oicsr", "variant": "growl"},
+                              {"name": "slimming", "lambda": 1e-5}, {"name": "thinet"}, {"name": "l1"}, {"name": "random"}]
+    tiny_recipe["tune"] = {"spaces": {"slimming": {"lambda": {"low": 1e-6, "high": 1e-4, "log": True}}}}
+    recipe = load_recipe(write_recipe(tiny_recipe), allow_spaces=True)
+    tasks = plan_tasks(recipe, recipe.tune, None, None)
+    said = capsys.readouterr().out
+    assert all(f"{m}: nothing to tune" in said for m in ("thinet", "l1", "random"))
+    assert [t.study for t in tasks] == ["tiny-oicsr", "tiny-oicsr(variant=growl)", "tiny-slimming"]
+    lam = [t.spaces["lambda"] for t in tasks]
+    assert (lam[0].low, lam[0].high, lam[0].log) == pytest.approx((1e-6, 1e-2, True))  # default: oicsr's 1e-4 x/100
+    assert (lam[2].low, lam[2].high) == (1e-6, 1e-4)  # tune.spaces wins over the entry's value
+    assert tasks[1].fixed == {"variant": "growl"} and tasks[2].fixed == {}
+    only = plan_tasks(recipe, recipe.tune, ["slimming"], "mine")
+    assert [(t.name, t.study) for t in only] == [("slimming", "mine")]
+
+
+def test_default_storage_sits_beside_the_mlflow_store(tmp_path: Path) -> None:
+    from prunebench.tune import default_storage, mask_url
+
+    assert default_storage(f"sqlite:///{tmp_path}/runs/mlflow.db") == f"sqlite:///{tmp_path}/runs/optuna.db"
+    assert default_storage("http://mlflow:5000") == "sqlite:///optuna.db"
+    assert mask_url("postgresql://me:secret@db/optuna") == "postgresql://me:***@db/optuna"
+
+
+def _draws(cfg: TuneConfig, storage, name: str, n: int) -> list[float]:
+    from prunebench.tune import make_sampler
+
+    study = optuna.create_study(storage=storage, study_name=name, direction="maximize", sampler=make_sampler(cfg),
+                                load_if_exists=True)
+    study.optimize(lambda t: -abs(t.suggest_float("x", 1e-6, 1e-2, log=True) - 1e-4), n_trials=n)
+    return [t.params["x"] for t in study.get_trials()]
+
+
+@pytest.mark.parametrize("sampler", ["tpe", "random"])
+def test_sampler_is_seeded_per_trial(sampler: str) -> None:
+    """Same seed: the same study; a resumed study continues the same sequence instead of replaying it."""
+    optuna.logging.set_verbosity(optuna.logging.WARNING)
+    cfg = TuneConfig(sampler=sampler, trials=6)
+    storage = optuna.storages.InMemoryStorage()
+    straight = _draws(cfg, storage, "a", 6)
+    assert _draws(cfg, storage, "b", 6) == straight
+    _draws(cfg, storage, "c", 3)
+    assert _draws(cfg, storage, "c", 3) == straight  # a fresh process resuming "c": trials 3..5 as in "a"
+    assert len(set(straight)) == 6
+    assert _draws(cfg.model_copy(update={"sampler_seed": 1}), storage, "d", 6) != straight
+
+
+def test_readme_documents_tuning() -> None:
+    text = (ROOT / "README.md").read_text()
+    section = text[text.index("## Tuning the regularization factor"):]
+    section = section[:section.find("\n## ", 3)]
+    for needle in ("prunebench tune", "prunebench run", "prunebench compare", "postgresql://", "--trials"):
+        assert needle in section, needle
+    assert text.index("## The command line") < text.index("## Tuning the regularization factor")
