@@ -415,10 +415,30 @@ def _download_cifar(root: Path, layout: _CifarLayout, name: str) -> None:
         ) from None
 
 
+class _CifarUnpickler(pickle.Unpickler):
+    """Unpickles CIFAR batch files without running code: only NumPy's array reconstruction is allowed.
+
+    The official files hold dicts of bytes, ints, lists and NumPy uint8 arrays (bytes written by Python 3
+    pickles go through ``_codecs.encode``); any other global (such as ``os.system`` in a crafted file)
+    is refused.
+    """
+
+    _ALLOWED = {
+        ("numpy.core.multiarray", "_reconstruct"), ("numpy._core.multiarray", "_reconstruct"),
+        ("numpy", "ndarray"), ("numpy", "dtype"), ("numpy.core.multiarray", "scalar"),
+        ("numpy._core.multiarray", "scalar"), ("_codecs", "encode"),  # how protocol-2 pickles store bytes
+    }
+
+    def find_class(self, module: str, name: str) -> Any:
+        if (module, name) in self._ALLOWED:
+            return super().find_class(module, name)
+        raise pickle.UnpicklingError(f"refusing to load {module}.{name} (not part of a CIFAR batch file)")
+
+
 def _read_pickle(path: Path) -> dict[str, Any]:
     try:
         with path.open("rb") as f:
-            return pickle.load(f, encoding="latin1")
+            return _CifarUnpickler(f, encoding="latin1").load()
     except (pickle.UnpicklingError, EOFError, ValueError, TypeError) as exc:
         raise UserError(
             f"data: {path} is not a CIFAR python batch file ({exc}); replace the folder or set data.download: true"

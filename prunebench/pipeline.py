@@ -472,7 +472,8 @@ def run_cell(ctx: Context, dense: nn.Module, dense_metrics: dict[str, Any], spec
         "dense_latency_ms_batch": dense_lat[big],
         "speedup": dense_lat[big] / latency[big],
     }
-    tracking.log_final(metrics)
+    last_step = max((end for _, end in stages.values()), default=1) - 1
+    tracking.log_final(metrics, step=last_step)  # at the last epoch, so per-epoch val_top1 ends on the final value
     before = {r["name"]: r for r in dense_metrics["_layers"]}
     rows = [
         {"layer": r["name"], "type": r["type"],
@@ -587,7 +588,7 @@ def run_recipe(recipe: Recipe, *, quiet: bool = False, resume: bool = False) -> 
 
 def format_summary(summary: RunSummary) -> str:
     """The closing table of ``prunebench run`` (one line per cell)."""
-    head = f"{'method':<24} {'seed':>4} {'target':>6} {'top1':>7} {'d.top1':>7} {'MACs(M)':>9} {'red.':>6} {'params(M)':>9} {'speedup':>7}"
+    head = f"{'method':<24} {'seed':>4} {'target':>6} {'top1':>7} {'dense':>7} {'MACs(M)':>9} {'red.':>6} {'params(M)':>9} {'speedup':>7}"
     lines = [head, "-" * len(head)]
     for c in summary.cells:
         m = c.metrics

@@ -328,10 +328,11 @@ def log_epoch(metrics: Mapping[str, float | None], step: int) -> None:
     retry(mlflow.log_metrics, {k: float(v) for k, v in metrics.items() if v is not None and v == v}, step=step)
 
 
-def log_final(metrics: Mapping[str, float | None]) -> None:
+def log_final(metrics: Mapping[str, float | None], step: int = 0) -> None:
+    """Final metrics of a cell; ``step`` is its last epoch (keeps per-epoch histories in order)."""
     import mlflow
 
-    retry(mlflow.log_metrics, {k: float(v) for k, v in metrics.items() if v is not None})
+    retry(mlflow.log_metrics, {k: float(v) for k, v in metrics.items() if v is not None}, step=max(step, 0))
 
 
 def set_tags(tags: Mapping[str, str]) -> None:

@@ -408,3 +408,23 @@ def test_imagefolder_missing_is_user_error(tmp_path: Path) -> None:
         load_data(_cfg("imagefolder", root=str(tmp_path / "none")))
     with pytest.raises(UserError, match="data.root"):
         load_data(_cfg("imagefolder"))
+
+
+def test_cifar_reader_refuses_code_in_pickles(tmp_path) -> None:
+    """A crafted batch file that would run code on unpickling is refused, and the code does not run."""
+    import os
+    import pickle
+
+    from prunebench.data import _read_pickle
+
+    marker = tmp_path / "pwned"
+
+    class Evil:
+        def __reduce__(self):
+            return (os.system, (f"touch {marker}",))
+
+    path = tmp_path / "data_batch_1"
+    path.write_bytes(pickle.dumps({"data": Evil(), "labels": [0]}, protocol=2))
+    with pytest.raises(UserError, match="refusing to load"):
+        _read_pickle(path)
+    assert not marker.exists()
