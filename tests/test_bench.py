@@ -1,0 +1,196 @@
+"""``prunebench bench``: the reduced run writes a complete report; the target logic and timing helpers.
+
+No test asserts a timing: the figures depend on the machine and its load.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from pathlib import Path
+
+import pytest
+
+from prunebench.bench import (
+    TARGETS,
+    check_targets,
+    interleaved,
+    is_noisy,
+    paired_ratio,
+    render_markdown,
+    report_name,
+    spread,
+)
+from prunebench.cli import main
+
+REQUIRED = ("loop_efficiency", "reg_overhead", "data_headroom", "speedup", "speedup_efficiency", "macs_ratio",
+            "engine_s", "thinet_s", "macs_count_s", "machine")  # fmt: skip
+PER_METHOD = ("reg_overhead", "reg_overhead_step", "speedup", "speedup_b1", "speedup_efficiency", "macs_ratio")
+
+
+@pytest.fixture(scope="module")
+def quick_report(tmp_path_factory: pytest.TempPathFactory) -> tuple[dict, Path]:
+    """One ``prunebench bench --quick`` run shared by the tests below (it takes a few seconds)."""
+    out = tmp_path_factory.mktemp("perf")
+    assert main(["bench", "--quick", "--out", str(out), "--name", "quick"]) == 0
+    return json.loads((out / "quick.json").read_text()), out
+
+
+def _finite(v: object) -> bool:
+    return isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v)
+
+
+def test_quick_report_has_every_key_with_finite_numbers(quick_report: tuple[dict, Path]) -> None:
+    rep, out = quick_report
+    from prunebench.registry import available_methods
+
+    for key in REQUIRED:
+        assert key in rep, key
+    for key in ("loop_efficiency", "data_headroom", "engine_s", "thinet_s", "macs_count_s"):
+        assert _finite(rep[key]) and rep[key] > 0, (key, rep[key])
+    methods = set(available_methods())
+    for key in PER_METHOD:
+        assert set(rep[key]) == methods, key  # every registered method, none missing
+        assert all(_finite(v) and v > 0 for v in rep[key].values()), (key, rep[key])
+    for name, cls in available_methods().items():  # hooks cost something; no hooks cost nothing
+        assert (rep["reg_overhead"][name] > 1.0) == cls.has_sparsity_training(), name
+    assert rep["speedup_efficiency_rounded"] and all(_finite(v) for v in rep["speedup_efficiency_rounded"].values())
+    for k, v in rep["speedup_efficiency"].items():  # efficiency is speedup over MACs ratio, key by key
+        assert v == pytest.approx(rep["speedup"][k] / rep["macs_ratio"][k])
+    assert all(1.5 < v < 3.0 for v in rep["macs_ratio"].values())  # pruned to ~50% fewer MACs
+    m = rep["machine"]
+    assert m["cpu"] and m["torch"] and m["torch_threads"] >= 1 and "gpu" in m
+    assert rep["config"]["quick"] and rep["config"]["model"] == "resnet8_cifar"
+
+
+def test_quick_report_has_targets_with_pass_fail(quick_report: tuple[dict, Path]) -> None:
+    rep, _ = quick_report
+    names = {c["name"] for c in rep["checks"]}
+    for required in ("loop_efficiency", "reg_overhead[oicsr]", "reg_overhead[group_lasso]", "reg_overhead[slimming]",
+                     "speedup_efficiency[oicsr]", "engine_s", "thinet_s", "macs_count_s"):  # fmt: skip
+        assert required in names
+    assert rep["pass"] == {c["name"]: c["pass"] for c in rep["checks"]}
+    assert rep["all_pass"] == all(rep["pass"].values())
+    assert set(rep["targets"]) == set(TARGETS)
+    for c in rep["checks"]:  # every verdict agrees with its bound
+        t = TARGETS[c["figure"].replace("_rounded", "")]
+        assert c["pass"] == (c["value"] >= t.bound if t.at_least else c["value"] <= t.bound)
+    missed = [c for c in rep["checks"] if not c["pass"]]
+    assert set(rep["profiles"]) <= {c["name"] for c in missed}  # profiles only for misses
+    assert {c["figure"] for c in missed} == {c["figure"] for c in missed if c["name"] in rep["profiles"]}
+
+
+def test_quick_markdown_exists_and_shows_the_figures(quick_report: tuple[dict, Path]) -> None:
+    rep, out = quick_report
+    md = (out / "quick.md").read_text()
+    assert md.startswith("# prunebench bench: resnet8_cifar")
+    for heading in ("## Targets", "## 1. Loop efficiency", "## 2. Regularization overhead", "## 3. Data pipeline",
+                    "## 4. Real speedup", "## 5. Engine cost", "## Machine"):  # fmt: skip
+        assert heading in md
+    assert "prunebench bench --quick" in md and "untrained" in md
+    assert f"{rep['loop_efficiency']:.3f}" in md
+
+
+def _figures(loop: float = 1.0, reg: float = 1.0, eff: float = 0.9, engine: float = 1.0) -> dict:
+    methods = ("oicsr", "group_lasso", "slimming", "thinet", "l1", "random")
+    return {
+        "loop_efficiency": loop,
+        "reg_overhead": {m: reg for m in methods},
+        "data_headroom": 50.0,
+        "speedup_efficiency": {m: eff for m in methods},
+        "speedup_efficiency_rounded": {f"{m}+round8": eff for m in methods},
+        "engine_s": engine,
+        "thinet_s": 5.0,
+        "macs_count_s": 0.2,
+    }
+
+
+@pytest.mark.parametrize(
+    ("figures", "missed"),
+    [
+        (_figures(), set()),
+        (_figures(loop=0.9), {"loop_efficiency"}),
+        (_figures(reg=1.2), {"reg_overhead[oicsr]", "reg_overhead[group_lasso]", "reg_overhead[slimming]"}),
+        (_figures(engine=3.5), {"engine_s"}),
+        (_figures(loop=float("nan")), {"loop_efficiency"}),  # a failed measurement never passes
+    ],
+)
+def test_check_targets_flags_exactly_the_misses(figures: dict, missed: set[str]) -> None:
+    import torch
+
+    rows = check_targets(figures, torch.device("cpu"))
+    assert {r["name"] for r in rows if not r["pass"]} == missed
+    names = {r["name"] for r in rows}
+    assert {f"speedup_efficiency[{m}]" for m in figures["speedup_efficiency"]} <= names  # every method has a target
+
+
+def test_speedup_misses_are_reported_per_method_and_rounding() -> None:
+    import torch
+
+    figures = _figures()
+    figures["speedup_efficiency"]["thinet"] = 0.5
+    figures["speedup_efficiency_rounded"]["l1+round8"] = 0.7
+    rows = check_targets(figures, torch.device("cpu"))
+    assert {r["name"] for r in rows if not r["pass"]} == {
+        "speedup_efficiency[thinet]", "speedup_efficiency_rounded[l1+round8]"}  # fmt: skip
+
+
+def test_interleaved_times_every_function_each_round_after_warmup() -> None:
+    import torch
+
+    calls: list[str] = []
+    t = interleaved({"a": lambda: calls.append("a"), "b": lambda: calls.append("b")}, reps=3, warmup=2,
+                    device=torch.device("cpu"))  # fmt: skip
+    assert len(t["a"]) == len(t["b"]) == 3 and all(x >= 0 for x in t["a"] + t["b"])
+    assert calls.count("a") == calls.count("b") == 5
+    assert calls[:4] == ["a", "b", "b", "a"]  # the order rotates from round to round
+
+
+def test_paired_ratio_is_the_median_of_per_round_ratios() -> None:
+    assert paired_ratio([2.0, 4.0, 9.0], [1.0, 4.0, 3.0]) == 2.0
+    assert math.isnan(paired_ratio([], []))
+
+
+def test_noise_flags_disagreeing_repetitions(quick_report: tuple[dict, Path]) -> None:
+    rep, _ = quick_report
+    assert isinstance(rep["noisy"], bool) and rep["noisy"] == is_noisy(rep["details"]["noise"])
+    assert set(rep["details"]["noise"]) == {"loop_spread", "reg_floor_minus_1", "latency_spread"}
+    assert spread([1.0, 1.0, 1.0]) == 0.0 and spread([1.0, 1.5, 2.0]) == pytest.approx(1 / 3)
+    assert spread([1.0, 1.0, 1.01, 1.0, 3.0]) == 0.0  # one outlier is not noise
+    assert not is_noisy({"loop_spread": 0.03, "reg_floor_minus_1": -0.02})
+    assert is_noisy({"loop_spread": 0.03, "reg_floor_minus_1": 0.2})
+    assert is_noisy({"latency_spread": float("nan")})
+
+
+def test_report_name_is_cpu_without_a_gpu() -> None:
+    import torch
+
+    assert report_name(torch.device("cpu")) == "cpu"
+
+
+@pytest.mark.parametrize("flag", ["--batch", "--steps", "--reps", "--round-to"])
+def test_bad_counts_are_user_errors(flag: str, capsys: pytest.CaptureFixture[str]) -> None:
+    assert main(["bench", flag, "0", "--out", "x"]) == 2
+    err = capsys.readouterr().err
+    assert flag in err and "at least 1" in err and "Traceback" not in err
+
+
+def test_unknown_model_is_a_user_error(capsys: pytest.CaptureFixture[str]) -> None:
+    assert main(["bench", "--model", "resnet57_cifar", "--out", "x"]) == 2
+    assert "resnet57_cifar" in capsys.readouterr().err
+
+
+def test_help_explains_every_figure(capsys: pytest.CaptureFixture[str]) -> None:
+    with pytest.raises(SystemExit):
+        main(["bench", "--help"])
+    text = capsys.readouterr().out
+    for figure in ("loop_efficiency", "reg_overhead", "data_headroom", "speedup", "engine_s", "thinet_s",
+                   "macs_count_s", "round_to", "--quick"):  # fmt: skip
+        assert figure in text
+
+
+def test_markdown_renders_from_a_report_without_profiles(quick_report: tuple[dict, Path]) -> None:
+    rep, _ = quick_report
+    rep = {**rep, "profiles": {}}
+    md = render_markdown(rep)
+    assert "## Profiles" not in md and "## Targets" in md
