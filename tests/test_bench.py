@@ -20,6 +20,7 @@ from prunebench.bench import (
     render_markdown,
     report_name,
     spread,
+    torch_threads,
 )
 from prunebench.cli import main
 
@@ -194,3 +195,16 @@ def test_markdown_renders_from_a_report_without_profiles(quick_report: tuple[dic
     rep = {**rep, "profiles": {}}
     md = render_markdown(rep)
     assert "## Profiles" not in md and "## Targets" in md
+
+
+def test_quick_runs_single_threaded_and_restores_the_thread_count(quick_report: tuple[dict, Path]) -> None:
+    import torch
+
+    rep, _ = quick_report
+    assert rep["machine"]["torch_threads"] == 1  # --quick runs single-threaded
+    before = torch.get_num_threads()
+    with torch_threads(1):
+        assert torch.get_num_threads() == 1
+    assert torch.get_num_threads() == before
+    with torch_threads(None):
+        assert torch.get_num_threads() == before
