@@ -38,6 +38,7 @@ from torch import nn
 from prunebench.errors import UserError
 from prunebench.recipe import Recipe
 from prunebench.serialize import load_pruned, pruned_payload
+from prunebench.train import resolve_device
 
 CACHE_VERSION = 2  # bump when the meaning of a cached dense checkpoint changes (2: init drawn after seeding)
 CHECKPOINT_VERSION = 1
@@ -53,7 +54,12 @@ def _hash(payload: Any) -> str:
 
 
 def dense_key(recipe: Recipe, seed: int) -> str:
-    """Hash of what determines the dense weights (not the methods, targets or fine-tuning)."""
+    """Hash of what determines the dense weights (not the methods, targets or fine-tuning).
+
+    The device enters as the type ``train.device`` resolves to (``auto`` -> ``cuda`` or ``cpu``,
+    ``cuda:1`` -> ``cuda``): a dense model trained under ``auto`` on a CPU machine is the one a recipe
+    saying ``cpu`` reuses, and CPU and CUDA never share one.
+    """
     data = recipe.data.model_dump(mode="json", exclude={"eval_batch_size", "workers", "download"})
     payload = {
         "v": CACHE_VERSION,
@@ -61,7 +67,7 @@ def dense_key(recipe: Recipe, seed: int) -> str:
         "model": recipe.model.model_dump(mode="json"),
         "dense": recipe.dense.model_dump(mode="json"),
         "seed": seed,
-        "device_type": "cuda" if recipe.train.device.startswith("cuda") else recipe.train.device,
+        "device_type": resolve_device(recipe.train.device).type,
     }
     return _hash(payload)
 

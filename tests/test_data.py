@@ -403,6 +403,98 @@ def test_imagefolder_splits_and_batches(imagefolder_root: Path) -> None:
     assert dm.calibration_batch(5, _gen(0)).shape == (5, 3, 32, 32)
 
 
+# --------------------------------------------------------------------------------------------------
+# augmentation is a function of the generator alone (every method of a seed sees the same batches)
+
+
+def _one_image_module(kind: str, tmp_path: Path, workers: int = 0) -> DataModule:
+    """12 training copies of one random image, so batches differ only by augmentation (and labels by order)."""
+    rng = np.random.default_rng(0)
+    image = rng.integers(0, 256, (40, 48, 3), dtype=np.uint8)
+    if kind == "memory":
+        x = torch.from_numpy(image).permute(2, 0, 1).contiguous().expand(12, -1, -1, -1).contiguous()
+        split = TensorSplit(x, torch.arange(12) % 2, torch.arange(12))
+        return DataModule(name="one", train=split, val=split, test=split, num_classes=2, in_chans=3, image_size=40,
+                          mean=(0.5,) * 3, std=(0.25,) * 3)  # fmt: skip
+    from PIL import Image
+
+    for split, n in (("train", 6), ("val", 1)):
+        for cls in ("a", "b"):
+            (tmp_path / "one" / split / cls).mkdir(parents=True)
+            for i in range(n):
+                Image.fromarray(image).save(tmp_path / "one" / split / cls / f"{i}.png")
+    return load_data(_cfg("imagefolder", root=str(tmp_path / "one"), image_size=24, workers=workers, val_split=0))
+
+
+def _batches(dm: DataModule, seed: int, augment: bool | None = None) -> list[tuple[torch.Tensor, torch.Tensor]]:
+    return list(dm.train_batches(5, _gen(seed), augment=augment))
+
+
+@pytest.mark.parametrize(("kind", "workers"), [("memory", 0), ("imagefolder", 0), ("imagefolder", 2)])
+def test_augmentation_depends_on_the_generator_only(kind: str, workers: int, tmp_path: Path) -> None:
+    dm = _one_image_module(kind, tmp_path, workers)
+    torch.manual_seed(0)
+    state = torch.get_rng_state()
+    a = _batches(dm, 7)
+    assert torch.equal(torch.get_rng_state(), state)  # the global RNG is neither read into nor advanced
+    torch.manual_seed(12345)  # another method of the seed ran in between and used the global RNG
+    torch.rand(1000)
+    b = _batches(dm, 7)
+    assert len(a) == len(b) == 3
+    for (xa, ya), (xb, yb) in zip(a, b, strict=True):
+        assert torch.equal(xa, xb) and torch.equal(ya, yb)  # bit-identical
+    x, y = torch.cat([x for x, _ in a]), torch.cat([y for _, y in a])
+    assert len({t.numpy().tobytes() for t in x}) == len(x)  # every visit of the image has its own crop
+    # another generator seed: other crops and flips (every training image is the same one)
+    x2 = torch.cat([x for x, _ in _batches(dm, 8)])
+    assert not any(torch.equal(x[i], x2[i]) for i in range(len(x)))
+    # equal generators visit the images in the same order with augmentation off
+    plain = _batches(dm, 7, augment=False)
+    assert torch.equal(torch.cat([y for _, y in plain]), y)
+    assert all(torch.equal(p, plain[0][0][0]) for p in torch.cat([x for x, _ in plain]))
+
+
+def test_imagefolder_batches_do_not_depend_on_workers(tmp_path: Path) -> None:
+    one = _one_image_module("imagefolder", tmp_path, workers=0)
+    two = load_data(_cfg("imagefolder", root=str(tmp_path / "one"), image_size=24, workers=2, val_split=0))
+    for (x0, y0), (x2, y2) in zip(_batches(one, 3), _batches(two, 3), strict=True):
+        assert torch.equal(x0, x2) and torch.equal(y0, y2)
+    state = torch.get_rng_state()
+    two.eval_batches("test")
+    list(two.eval_batches("train"))
+    two.calibration_batch(3, _gen(0))
+    assert torch.equal(torch.get_rng_state(), state)  # evaluation leaves the global RNG alone too
+
+
+def test_seeded_crops_follow_torchvision_random_resized_crop() -> None:
+    """Crop boxes lie inside the image, with RandomResizedCrop's distribution of area, aspect ratio and place."""
+    import random
+
+    from PIL import Image
+    from torchvision.transforms import RandomResizedCrop
+
+    from prunebench.data import SeededCrops
+
+    def stats(boxes: list[tuple[int, int, int, int]], width: int, height: int) -> tuple[float, ...]:
+        area = sum(h * w for _, _, h, w in boxes) / len(boxes) / (width * height)
+        ratio = sum(w / h for _, _, h, w in boxes) / len(boxes)
+        place = sum((t + h / 2) / height + (lft + w / 2) / width for t, lft, h, w in boxes) / len(boxes)
+        return area, ratio, place
+
+    for width, height in ((48, 40), (200, 20), (20, 200), (7, 9)):  # wide and tall: mostly the fallback
+        rng = random.Random(0)
+        ours = [SeededCrops.crop_box(width, height, rng) for _ in range(4000)]
+        assert all(h > 0 and w > 0 and t + h <= height and lft + w <= width and min(t, lft) >= 0
+                   for t, lft, h, w in ours)  # fmt: skip
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(0)
+            img = Image.new("RGB", (width, height))
+            ref = [RandomResizedCrop.get_params(img, [0.08, 1.0], [3 / 4, 4 / 3]) for _ in range(4000)]
+        for a, b in zip(stats(ours, width, height), stats(ref, width, height), strict=True):
+            assert abs(a - b) < 0.03 * max(1.0, abs(b))
+    assert SeededCrops.crop_box(48, 40, random.Random(5)) == SeededCrops.crop_box(48, 40, random.Random(5))
+
+
 def test_imagefolder_missing_is_user_error(tmp_path: Path) -> None:
     with pytest.raises(UserError, match=str(tmp_path / "none" / "train")):
         load_data(_cfg("imagefolder", root=str(tmp_path / "none")))
