@@ -7,16 +7,21 @@ it works on runs that any tool logged by those names, not just on ``prunebench r
    invocation; default the latest) and an optional MLflow filter string on the cell (child) runs;
 2. **clean** -- cells that did not finish are left out (and counted in a note); when several invocations
    are combined, a cell repeated for the same (model, dataset, method, target, seed) keeps its latest
-   run, so ``n`` counts seeds, never re-runs;
+   run, so ``n`` counts seeds, never re-runs. Dense controls (``prunebench.kind`` = ``control``: the dense
+   model trained unpruned for the same extra epochs) follow the same rules, one per (model, dataset, seed),
+   for the seeds of the selected cells;
 3. **aggregate** -- one row per (model, dataset, method label, target): mean, sample standard deviation
-   (ddof=1, blank for n=1) and n of test top-1 and of its per-seed change from the dense model of the same
-   seed, plus MACs, parameters, latency and speedup; one dense row per (model, dataset);
-4. **judge** -- per target, the best method by mean test top-1 and a two-sided Welch's t-test of its lead
-   over the runner-up on the per-seed values (no statement at all with fewer than two seeds a side);
+   (ddof=1, blank for n=1) and n of test top-1 and of its per-seed differences to the dense model, to the
+   dense control and to the best method at the target (all paired by seed: every method of a seed shares
+   the dense model and the data order), plus MACs, parameters, latency, speedup and the sparsity
+   diagnostics of regularized methods; one dense row and one dense-control row per (model, dataset);
+4. **judge** -- per target, the best method by mean test top-1 and a two-sided paired t-test of its lead
+   over the runner-up on the per-seed differences; Welch's t-test on the per-seed values where the two
+   seed sets differ (no statement with fewer than two seeds, nor when the differences do not vary);
 5. **render** -- an aligned terminal table, Markdown, CSV, HTML or JSON; ``--out DIR`` writes every format
    plus the plots of :mod:`prunebench.plots`.
 
-Top-1 values are stored as fractions and shown as percentages; changes from dense are percentage points.
+Top-1 values are stored as fractions and shown as percentages; differences are percentage points.
 """
 
 from __future__ import annotations
@@ -46,25 +51,39 @@ if TYPE_CHECKING:  # mlflow is slow to import; only the commands that read runs 
     from mlflow.tracking import MlflowClient
 
 PARENT_TAG = "mlflow.parentRunId"
+CELL_KIND = "cell"
+CONTROL_KIND = "control"  # the dense model trained unpruned for the same extra stages as the cells
+CONTROL_LABEL = "dense (same epochs)"  # shown when a control run has no method_label param
 GROUP_KEYS = ["model", "dataset", "method_label", "target"]
 CELL_KEYS = [*GROUP_KEYS, "seed"]
+CONTROL_KEYS = ["model", "dataset", "seed"]
 FINAL_METRICS = (
     "test_top1", "val_top1", "dense_test_top1", "macs", "macs_conv_fc", "macs_dense", "macs_reduction",
     "params", "params_reduction", "params_dense", "latency_ms", "latency_ms_batch", "speedup",
 )
-# Logged by `prunebench run` beyond the schema's minimum; used for the dense row when present.
-OPTIONAL_METRICS = ("macs_conv_fc_dense", "dense_latency_ms", "dense_latency_ms_batch")
+# Logged by `prunebench run` beyond the schema's minimum: dense figures (used for the dense row when present)
+# and the sparsity diagnostics of regularized methods (blank for the others).
+OPTIONAL_METRICS = ("macs_conv_fc_dense", "dense_latency_ms", "dense_latency_ms_batch",
+                    "sparsity_zero_frac", "sparsity_pull", "penalty_ratio")
 CURVE_METRICS = ("train_loss", "train_penalty", "train_top1", "val_top1", "lr")
+NORMS_ARTIFACT = "sparsity_norms.json"
 FORMATS = ("text", "md", "csv", "html", "json")
 OUT_FILES = {"md": "table.md", "csv": "table.csv", "html": "table.html", "json": "table.json"}
-TEST_NAME = "two-sided Welch's t-test (unequal variances) on per-seed test top-1"
+PAIRED_TEST = "paired t-test"
+WELCH_TEST = "Welch's t-test"
+TEST_NAME = ("two-sided paired t-test on the per-seed differences in test top-1 between the best method and the "
+             "runner-up (paired by seed); two-sided Welch's t-test (unequal variances) on the per-seed values where "
+             "the two methods' seed sets differ")
+FLAT_PP = 1e-9  # a spread of per-seed values below this (pp) is float rounding, not seed-to-seed variation
 
 # Columns of the machine-readable table (CSV/JSON), in order; units are in the names.
 TABLE_COLUMNS = [
     "model", "dataset", "kind", "method", "method_label", "target", "n",
     "top1_pct", "top1_pct_std", "delta_pp", "delta_pp_std",
+    "vs_control_pp", "vs_control_pp_std", "vs_control_n", "vs_best_pp", "vs_best_pp_std", "vs_best_n",
     "macs_M", "macs_conv_fc_M", "macs_reduction_pct", "params_M", "params_reduction_pct",
-    "latency_ms", "latency_ms_batch", "speedup", "rank", "p_vs_next",
+    "latency_ms", "latency_ms_batch", "speedup", "sparsity_zero_pct", "sparsity_pull", "penalty_ratio",
+    "rank", "test_vs_next", "p_vs_next",
 ]
 
 
@@ -206,10 +225,11 @@ def select(client: MlflowClient, tracking_uri: str, experiment: str | None = Non
     for run in parents:
         if run.info.experiment_id != exp.experiment_id:
             raise UserError(f"run {run.info.run_id} is not in experiment {exp.name!r}; drop --experiment or the run id")
-        if run.data.tags.get(KIND_TAG) == "cell":
+        if run.data.tags.get(KIND_TAG) in (CELL_KIND, CONTROL_KIND):
             parent = run.data.tags.get(PARENT_TAG, "?")
+            what = "cell" if run.data.tags.get(KIND_TAG) == CELL_KIND else "dense control"
             raise UserError(
-                f"run {run.info.run_id} is a single cell, not a `prunebench run` invocation; pass its parent "
+                f"run {run.info.run_id} is a single {what}, not a `prunebench run` invocation; pass its parent "
                 f"--run-id {parent}, or select cells with --filter"
             )
     sel = Selection(tracking_uri, exp.name, exp.experiment_id, [r.info.run_id for r in parents], filter_string,
@@ -257,18 +277,32 @@ def _cell_row(run: Run) -> dict[str, Any]:
     return row
 
 
-def load_cells(client: MlflowClient, sel: Selection) -> pd.DataFrame:
-    """Every cell run of the selection (any status), one row each, oldest first."""
-    filt = f"tags.`{KIND_TAG}` = 'cell'"
+def _load_kind(client: MlflowClient, sel: Selection, kind: str, filter_string: str | None) -> pd.DataFrame:
+    """Every run tagged ``kind`` under the selected parent run(s) (any status), one row each, oldest first."""
+    filt = f"tags.`{KIND_TAG}` = '{kind}'"
     if len(sel.parent_run_ids) == 1:  # let the store do the narrowing in the common case
         filt += f" and tags.`{PARENT_TAG}` = '{sel.parent_run_ids[0]}'"
-    if sel.filter_string:
-        filt += f" and {sel.filter_string}"
+    if filter_string:
+        filt += f" and {filter_string}"
     runs = _search_all(client, sel.experiment_id, filt)
-    cells = pd.DataFrame([_cell_row(r) for r in runs], columns=[*_cell_row_columns()])
+    rows = pd.DataFrame([_cell_row(r) for r in runs], columns=[*_cell_row_columns()])
     if len(sel.parent_run_ids) > 1:
-        cells = cells[cells["parent_run_id"].isin(sel.parent_run_ids)]
-    return cells.sort_values("start_time", kind="stable").reset_index(drop=True)
+        rows = rows[rows["parent_run_id"].isin(sel.parent_run_ids)]
+    return rows.sort_values("start_time", kind="stable").reset_index(drop=True)
+
+
+def load_cells(client: MlflowClient, sel: Selection) -> pd.DataFrame:
+    """Every cell run of the selection (any status), one row each, oldest first."""
+    return _load_kind(client, sel, CELL_KIND, sel.filter_string)
+
+
+def load_controls(client: MlflowClient, sel: Selection) -> pd.DataFrame:
+    """Every dense-control run under the selected parent run(s) (any status), oldest first.
+
+    ``--filter`` speaks of cells (method, target); controls are matched to the selected cells by seed instead
+    (:func:`clean_controls`).
+    """
+    return _load_kind(client, sel, CONTROL_KIND, None)
 
 
 def _cell_row_columns() -> list[str]:
@@ -277,7 +311,8 @@ def _cell_row_columns() -> list[str]:
 
 
 def _describe_cells(cells: pd.DataFrame, limit: int = 4) -> str:
-    items = [f"{r.method_label} seed {r.seed} target {r.target:g}" if pd.notna(r.target) else str(r.run_id)
+    items = [f"{r.method_label} seed {r.seed} target {r.target:g}" if pd.notna(r.target) else
+             f"{r.method_label} seed {r.seed}" if pd.notna(r.seed) else str(r.run_id)
              for r in cells.head(limit).itertuples()]
     more = f", ... ({len(cells)} in all)" if len(cells) > limit else ""
     return ", ".join(items) + more
@@ -311,6 +346,28 @@ def clean_cells(cells: pd.DataFrame) -> tuple[pd.DataFrame, list[str]]:
     return deduped.astype({"seed": int, "target": float}).reset_index(drop=True), notes
 
 
+def clean_controls(controls: pd.DataFrame, cells: pd.DataFrame) -> tuple[pd.DataFrame, list[str]]:
+    """Finished dense controls of the cells' (model, dataset, seed)s, the latest run of each; plus notes."""
+    notes: list[str] = []
+    unfinished = controls[controls["status"] != "FINISHED"]
+    if len(unfinished):
+        counts = ", ".join(f"{n} {s}" for s, n in unfinished["status"].value_counts().sort_index().items())
+        notes.append(f"{len(unfinished)} dense control run(s) not finished and left out ({counts}): "
+                     f"{_describe_cells(unfinished)}")
+    done = controls[(controls["status"] == "FINISHED") & controls["seed"].notna()]
+    no_top1 = done[done["test_top1"].isna()]
+    if len(no_top1):
+        notes.append(f"{len(no_top1)} finished dense control run(s) without a test_top1 metric left out: "
+                     f"{_describe_cells(no_top1)}")
+        done = done.drop(no_top1.index)
+    done = done.astype({"seed": int}).merge(cells[CONTROL_KEYS].drop_duplicates(), on=CONTROL_KEYS)
+    deduped = done.drop_duplicates(subset=CONTROL_KEYS, keep="last")
+    if len(deduped) < len(done):
+        notes.append(f"{len(done) - len(deduped)} repeated dense control run(s) (same seed) counted once, "
+                     "from the latest run")
+    return deduped.reset_index(drop=True), notes
+
+
 # --------------------------------------------------------------------------------------------------
 # aggregation and statistics
 
@@ -325,6 +382,7 @@ def _per_cell_values(cells: pd.DataFrame) -> pd.DataFrame:
         macs_red=cells["macs_reduction"] * 100,
         params_M=cells["params"] / 1e6,
         params_red=cells["params_reduction"] * 100,
+        zero_pct=cells["sparsity_zero_frac"] * 100,
     )
 
 
@@ -358,75 +416,185 @@ def _dense_rows(v: pd.DataFrame) -> pd.DataFrame:
     ).drop(columns=["macs", "macs_cf", "params"])
 
 
-def aggregate(cells: pd.DataFrame) -> pd.DataFrame:
-    """The comparison table: one row per (model, dataset, method label, target) and one dense row each.
-
-    Rows are ordered dense first, then by target, then best mean test top-1 first; ``rank`` is 1 for the
-    best method at its target. Standard deviations are sample standard deviations (blank for n = 1).
-    """
-    v = _per_cell_values(cells)
-    methods = (
-        v.groupby(GROUP_KEYS, sort=False)
+def _summary(v: pd.DataFrame, keys: list[str]) -> pd.DataFrame:
+    """Mean (and sd) over seeds of the per-cell display values of ``v``, one row per ``keys``."""
+    return (
+        v.groupby(keys, sort=False)
         .agg(method=("method", "first"), n=("top1", "count"), top1_pct=("top1", "mean"),
              top1_pct_std=("top1", "std"), delta_pp=("delta", "mean"), delta_pp_std=("delta", "std"),
              macs_M=("macs_M", "mean"), macs_conv_fc_M=("macs_conv_fc_M", "mean"),
              macs_reduction_pct=("macs_red", "mean"), params_M=("params_M", "mean"),
              params_reduction_pct=("params_red", "mean"), latency_ms=("latency_ms", "mean"),
-             latency_ms_batch=("latency_ms_batch", "mean"), speedup=("speedup", "mean"))
+             latency_ms_batch=("latency_ms_batch", "mean"), speedup=("speedup", "mean"),
+             sparsity_zero_pct=("zero_pct", "mean"), sparsity_pull=("sparsity_pull", "mean"),
+             penalty_ratio=("penalty_ratio", "mean"))
         .reset_index()
-        .assign(kind="pruned")
     )
+
+
+def _control_rows(controls: pd.DataFrame) -> pd.DataFrame:
+    """One row per (model, dataset): the dense controls (unpruned, same extra epochs), mean/std over seeds."""
+    v = _per_cell_values(controls).assign(method_label=controls["method_label"].fillna(CONTROL_LABEL))
+    rows = _summary(v, ["model", "dataset"])
+    label = v.groupby(["model", "dataset"], sort=False)["method_label"].first().to_numpy()
+    return rows.assign(kind=CONTROL_KIND, method_label=label, target=math.nan,
+                       macs_reduction_pct=rows["macs_reduction_pct"].fillna(0.0),
+                       params_reduction_pct=rows["params_reduction_pct"].fillna(0.0))
+
+
+def ranked_methods(cells: pd.DataFrame) -> list[str]:
+    """Method labels of one (model, dataset, target) by mean test top-1, best first (ties: label order)."""
+    means = cells.groupby("method_label")["test_top1"].mean()
+    return sorted(means.index, key=lambda k: -means[k])
+
+
+def best_methods(cells: pd.DataFrame) -> pd.DataFrame:
+    """Per (model, dataset, target) the best method label (column ``best``)."""
+    rows = [(*key, ranked_methods(grp)[0]) for key, grp in cells.groupby(["model", "dataset", "target"], sort=True)]
+    return pd.DataFrame(rows, columns=["model", "dataset", "target", "best"])
+
+
+def _paired_differences(v: pd.DataFrame, ref: pd.DataFrame, on: list[str], name: str) -> pd.DataFrame:
+    """Per (model, dataset, method label, target): mean, sd and n over the common seeds of top-1 minus ``ref``.
+
+    ``ref`` has the columns ``on`` (which include ``seed``) and ``ref``, the reference top-1 (%) of that seed.
+    """
+    pairs = v.merge(ref, on=on, how="inner")
+    return (
+        pairs.assign(diff=pairs["top1"] - pairs["ref"])
+        .groupby(GROUP_KEYS, sort=False)
+        .agg(**{f"{name}_pp": ("diff", "mean"), f"{name}_pp_std": ("diff", "std"), f"{name}_n": ("diff", "count")})
+        .reset_index()
+    )
+
+
+def _vs_best(v: pd.DataFrame) -> pd.DataFrame:
+    """Per-seed difference to the best method at the same target; exactly 0 (no sd) for the best itself."""
+    best = best_methods(v)
+    ref_cells = v.merge(best, on=["model", "dataset", "target"])
+    ref_cells = ref_cells[ref_cells["method_label"] == ref_cells["best"]]
+    ref = ref_cells[["model", "dataset", "target", "seed"]].assign(ref=ref_cells["top1"])
+    out = _paired_differences(v, ref, ["model", "dataset", "target", "seed"], "vs_best")
+    is_best = out.merge(best, on=["model", "dataset", "target"], how="left")["best"].eq(out["method_label"])
+    out.loc[is_best.to_numpy(), ["vs_best_pp", "vs_best_pp_std"]] = [0.0, math.nan]
+    return out
+
+
+def _vs_control(v: pd.DataFrame, controls: pd.DataFrame) -> pd.DataFrame:
+    """Per-seed difference to the dense control of the same seed (empty without controls)."""
+    ref = controls[CONTROL_KEYS].assign(ref=controls["test_top1"] * 100)
+    return _paired_differences(v, ref, CONTROL_KEYS, "vs_control")
+
+
+_KIND_ORDER = {"dense": 0, CONTROL_KIND: 1, "pruned": 2}
+
+
+def aggregate(cells: pd.DataFrame, controls: pd.DataFrame | None = None) -> pd.DataFrame:
+    """The comparison table: one row per (model, dataset, method label, target), one dense row each and,
+    when dense controls were run, one dense-control row each.
+
+    Rows are ordered dense, dense control, then by target, best mean test top-1 first; ``rank`` is 1 for the
+    best method at its target. Standard deviations are sample standard deviations (blank for n = 1).
+    """
+    controls = controls if controls is not None else cells.iloc[:0]
+    v = _per_cell_values(cells)
+    methods = _summary(v, GROUP_KEYS).assign(kind="pruned")
+    for extra in (_vs_control(v, controls), _vs_best(v)):
+        methods = methods.merge(extra, on=GROUP_KEYS, how="left")
+    methods = methods.astype({"vs_control_n": "Int64", "vs_best_n": "Int64"})  # blank, not NaN, without pairs
     methods["rank"] = (
         methods.groupby(["model", "dataset", "target"])["top1_pct"].rank(ascending=False, method="min").astype("Int64")
     )
-    dense = _dense_rows(v)
-    table = pd.concat([dense, methods] if len(dense) else [methods], ignore_index=True)
-    table = table.sort_values(["model", "dataset", "kind", "target", "top1_pct"],  # "dense" < "pruned"
-                              ascending=[True, True, True, True, False], kind="stable", na_position="first")
-    table["p_vs_next"] = math.nan
+    parts = [p for p in (_dense_rows(v), _control_rows(controls) if len(controls) else None, methods)
+             if p is not None and len(p)]
+    table = pd.concat(parts, ignore_index=True)
+    table = table.assign(order=table["kind"].map(_KIND_ORDER)).sort_values(
+        ["model", "dataset", "order", "target", "top1_pct"], ascending=[True, True, True, True, False], kind="stable",
+        na_position="first")
+    table["test_vs_next"], table["p_vs_next"] = None, math.nan
     return table.reindex(columns=TABLE_COLUMNS).reset_index(drop=True)
 
 
-def significance(cells: pd.DataFrame, alpha: float = 0.05) -> pd.DataFrame:
-    """Per (model, dataset, target): the best method, its lead over the runner-up and a Welch's t-test.
+def _seed_values(cells: pd.DataFrame, label: str) -> pd.Series:
+    """Test top-1 (%) of one method, indexed by seed."""
+    rows = cells[cells["method_label"] == label]
+    return pd.Series(rows["test_top1"].to_numpy() * 100, index=rows["seed"].to_numpy())
 
-    The test is two-sided on the per-seed test top-1 values of the two methods; its p-value says how often
-    seed noise alone would give a lead at least this large. With fewer than two seeds on either side there
-    is no estimate of the noise, so no statement is made.
-    """
+
+def _flat(x: np.ndarray) -> bool:
+    return len(x) > 0 and float(np.ptp(x)) <= FLAT_PP
+
+
+def _paired_test(a: pd.Series, b: pd.Series) -> dict[str, Any]:
+    """Paired t-test of ``a`` - ``b`` over their (identical) seeds, or why none is possible."""
     from scipy import stats
 
+    diff = (a - b.reindex(a.index)).to_numpy()
+    out: dict[str, Any] = {"test": PAIRED_TEST, "n": len(diff)}
+    if len(diff) < 2:
+        return out | {"verdict": "n < 2 common seeds: no significance statement is possible"}
+    if _flat(diff):  # t = lead / 0: scipy says p = 0, which would claim certainty from no noise estimate
+        return out | {"verdict": "identical per-seed differences: the paired t-test is undefined"}
+    with warnings.catch_warnings():  # "precision loss" for nearly identical differences; the p-value stands
+        warnings.simplefilter("ignore", RuntimeWarning)
+        res = stats.ttest_rel(a.to_numpy(), b.reindex(a.index).to_numpy())
+    return out | {"statistic": float(res.statistic), "df": float(res.df), "p_value": float(res.pvalue)}
+
+
+def _welch_test(a: pd.Series, b: pd.Series) -> dict[str, Any]:
+    """Welch's t-test of the per-seed values of ``a`` and ``b`` (different seed sets), or why none is possible."""
+    from scipy import stats
+
+    out: dict[str, Any] = {"test": WELCH_TEST, "n": len(a) + len(b)}
+    if min(len(a), len(b)) < 2:
+        return out | {"verdict": "n < 2 on one side: no significance statement is possible"}
+    if _flat(a.to_numpy()) and _flat(b.to_numpy()):
+        return out | {"verdict": "no seed-to-seed variation on either side: Welch's t-test is undefined"}
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", RuntimeWarning)
+        res = stats.ttest_ind(a.to_numpy(), b.to_numpy(), equal_var=False)
+    return out | {"statistic": float(res.statistic), "df": float(res.df), "p_value": float(res.pvalue)}
+
+
+def _verdict(p: float, alpha: float) -> str:
+    if math.isnan(p):
+        return "the t-test is undefined for these values"
+    return f"lead larger than seed noise (p < {alpha:g})" if p < alpha else f"lead within seed noise (p >= {alpha:g})"
+
+
+def _test_lead(a: pd.Series, b: pd.Series, alpha: float) -> dict[str, Any]:
+    """The paired test where both methods ran the same seeds, else Welch's; with its verdict."""
+    same = set(a.index) == set(b.index)
+    row = {"statistic": math.nan, "df": math.nan, "p_value": math.nan,
+           **(_paired_test(a, b) if same else _welch_test(a, b))}
+    if "verdict" not in row:
+        row["verdict"] = _verdict(row["p_value"], alpha)
+    return row
+
+
+def significance(cells: pd.DataFrame, alpha: float = 0.05) -> pd.DataFrame:
+    """Per (model, dataset, target): the best method, its lead over the runner-up and a two-sided t-test.
+
+    Every method of a seed shares the dense model and the data order, so the test pairs the two methods by
+    seed (paired t-test on the per-seed differences); where their seed sets differ, Welch's t-test on the
+    per-seed values. The p-value says how often seed noise alone would give a lead at least this large. With
+    fewer than two seeds, or per-seed differences that do not vary, no statement is made.
+    """
     rows = []
     for (model, dataset, target), grp in cells.groupby(["model", "dataset", "target"], sort=True):
-        samples = {k: g["test_top1"].to_numpy() * 100 for k, g in grp.groupby("method_label")}
-        ranked = sorted(samples, key=lambda k: -samples[k].mean())
-        best = ranked[0]
-        row: dict[str, Any] = {"model": model, "dataset": dataset, "target": target, "best": best,
-                               "runner_up": None, "best_top1_pct": samples[best].mean(), "runner_up_top1_pct": math.nan,
-                               "lead_pp": math.nan, "n_best": len(samples[best]), "n_runner_up": 0,
-                               "test": TEST_NAME, "p_value": math.nan}
+        ranked = ranked_methods(grp)
+        a = _seed_values(grp, ranked[0])
+        row: dict[str, Any] = {"model": model, "dataset": dataset, "target": target, "best": ranked[0],
+                               "runner_up": None, "best_top1_pct": a.mean(), "runner_up_top1_pct": math.nan,
+                               "lead_pp": math.nan, "n_best": len(a), "n_runner_up": 0, "n_common": 0,
+                               "test": None, "statistic": math.nan, "df": math.nan, "n": 0, "p_value": math.nan}
         if len(ranked) == 1:
-            row["verdict"] = "only one method at this target: nothing to compare"
-            rows.append(row)
+            rows.append(row | {"verdict": "only one method at this target: nothing to compare"})
             continue
-        a, b = samples[best], samples[ranked[1]]
-        row.update(runner_up=ranked[1], runner_up_top1_pct=b.mean(), lead_pp=a.mean() - b.mean(), n_runner_up=len(b))
-        if min(len(a), len(b)) < 2:
-            row["verdict"] = "n < 2 on one side: no significance statement is possible"
-        elif a.var() == 0 and b.var() == 0:  # t = lead / 0: scipy says p = 0, which would overstate certainty
-            row["verdict"] = "no seed-to-seed variation on either side: Welch's t-test is undefined"
-        else:
-            with warnings.catch_warnings():  # "precision loss" for nearly identical seeds; the p-value stands
-                warnings.simplefilter("ignore", RuntimeWarning)
-                p = float(stats.ttest_ind(a, b, equal_var=False).pvalue)
-            row["p_value"] = p
-            if math.isnan(p):
-                row["verdict"] = "the t-test is undefined for these values"
-            elif p < alpha:
-                row["verdict"] = f"lead larger than seed noise (p < {alpha:g})"
-            else:
-                row["verdict"] = f"lead within seed noise (p >= {alpha:g})"
-        rows.append(row)
+        b = _seed_values(grp, ranked[1])
+        row.update(runner_up=ranked[1], runner_up_top1_pct=b.mean(), lead_pp=a.mean() - b.mean(), n_runner_up=len(b),
+                   n_common=len(a.index.intersection(b.index)))
+        rows.append(row | _test_lead(a, b, alpha))
     return pd.DataFrame(rows)
 
 
@@ -436,7 +604,7 @@ def significance(cells: pd.DataFrame, alpha: float = 0.05) -> pd.DataFrame:
 
 @dataclass
 class Comparison:
-    """Everything a rendering needs: the selection, the cells used, the table, the tests and the notes."""
+    """Everything a rendering needs: the selection, the cells and controls used, the table, tests and notes."""
 
     selection: Selection
     cells: pd.DataFrame
@@ -444,10 +612,11 @@ class Comparison:
     tests: pd.DataFrame
     notes: list[str]
     alpha: float = 0.05
+    controls: pd.DataFrame = field(default_factory=pd.DataFrame)
 
 
 def build(client: MlflowClient, sel: Selection, alpha: float = 0.05) -> Comparison:
-    """Read, clean, aggregate and test the selected cells; a clear UserError when nothing is left."""
+    """Read, clean, aggregate and test the selected cells and dense controls; a clear UserError when no cell is left."""
     raw = load_cells(client, sel)
     if raw.empty:
         hint = ("drop or loosen --filter" if sel.filter_string else
@@ -458,15 +627,17 @@ def build(client: MlflowClient, sel: Selection, alpha: float = 0.05) -> Comparis
     if cells.empty:
         raise UserError(f"none of the {len(raw)} matching cell runs finished with a test_top1 metric "
                         f"({sel.describe()}); {' '.join(notes)}")
+    controls, control_notes = clean_controls(load_controls(client, sel), cells)
+    notes += control_notes
     if not sel.parent_run_ids and not sel.all_runs:
         notes.insert(0, "the experiment has no parent runs: every cell run in it is included")
-    table = aggregate(cells)
+    table = aggregate(cells, controls)
     tests = significance(cells, alpha)
     for t in tests.itertuples():
         hit = (table["model"] == t.model) & (table["dataset"] == t.dataset) & (table["target"] == t.target) & (
             table["method_label"] == t.best)
-        table.loc[hit, "p_vs_next"] = t.p_value
-    return Comparison(sel, cells, table, tests, notes, alpha)
+        table.loc[hit, ["test_vs_next", "p_vs_next"]] = [t.test if t.runner_up is not None else None, t.p_value]
+    return Comparison(sel, cells, table, tests, notes, alpha, controls)
 
 
 # --------------------------------------------------------------------------------------------------
@@ -504,7 +675,9 @@ def display_frame(comp: Comparison) -> pd.DataFrame:
     out["target"] = t["target"].map(lambda x: "-" if pd.isna(x) else f"{x:.2f}")
     out["n"] = t["n"].astype(str)
     out["top-1 %"] = [_mean_sd(m, s) for m, s in zip(t["top1_pct"], t["top1_pct_std"], strict=True)]
-    out["vs dense (pp)"] = [_mean_sd(m, s, signed=True) for m, s in zip(t["delta_pp"], t["delta_pp_std"], strict=True)]
+    for col, key in DIFF_COLUMNS.items():
+        out[col] = [_mean_sd(m, s, signed=True) for m, s in zip(t[f"{key}_pp"], t[f"{key}_pp_std"], strict=True)]
+    out["zeroed %"] = t["sparsity_zero_pct"].map(lambda x: "" if pd.isna(x) else f"{x:.1f}")
     out["MACs (M)"] = t["macs_M"].map(_amount)
     out["conv+fc MACs (M)"] = t["macs_conv_fc_M"].map(_amount)
     out["MACs red. %"] = t["macs_reduction_pct"].map(lambda x: "" if pd.isna(x) else f"{x:.1f}")
@@ -516,8 +689,10 @@ def display_frame(comp: Comparison) -> pd.DataFrame:
     return out.loc[:, (out != "").any(axis=0) | ~out.columns.isin(_OPTIONAL_DISPLAY)].reset_index(drop=True)
 
 
+# per-seed differences shown as mean ± sd (pp): display header -> column stem in the table
+DIFF_COLUMNS = {"vs dense (pp)": "delta", "vs dense (same epochs, pp)": "vs_control", "vs best (pp)": "vs_best"}
 # columns dropped from the display when every row is blank (e.g. no latency measured)
-_OPTIONAL_DISPLAY = ["conv+fc MACs (M)", "latency b=1 (ms)", "latency batch (ms)", "speedup"]
+_OPTIONAL_DISPLAY = ["zeroed %", "conv+fc MACs (M)", "latency b=1 (ms)", "latency batch (ms)", "speedup"]
 _LEFT = {"model", "dataset", "method"}
 
 
@@ -558,7 +733,8 @@ def title(comp: Comparison) -> str:
     what = (f"{t['model'].iloc[0]} on {t['dataset'].iloc[0]}"
             if _constant(t, "model") and _constant(t, "dataset") else "several models/datasets")
     seeds = comp.cells["seed"].nunique()
-    return f"{what}: {len(comp.cells)} cells, {seeds} seed(s) (experiment {comp.selection.experiment!r})"
+    controls = f", {len(comp.controls)} dense control(s)" if len(comp.controls) else ""
+    return f"{what}: {len(comp.cells)} cells{controls}, {seeds} seed(s) (experiment {comp.selection.experiment!r})"
 
 
 def verdict_lines(comp: Comparison) -> list[str]:
@@ -570,15 +746,25 @@ def verdict_lines(comp: Comparison) -> list[str]:
         if t.runner_up is None:
             lines.append(f"{where}target {t.target:.2f}: {t.best} ({t.verdict})")
             continue
-        p = f", p = {t.p_value:.3g}" if pd.notna(t.p_value) else ""
         lines.append(f"{where}target {t.target:.2f}: {t.best} leads {t.runner_up} by {t.lead_pp:+.2f} pp "
-                     f"(n = {t.n_best} vs {t.n_runner_up}{p}): {t.verdict}")
+                     f"({_test_text(t)}): {t.verdict}")
     return lines
 
 
+def _test_text(t: Any) -> str:
+    """The test in words: its name, n and, where it was computed, t and p."""
+    n = f"n = {t.n} seeds" if t.test == PAIRED_TEST else f"n = {t.n_best} vs {t.n_runner_up} seeds"
+    stat = f", t = {t.statistic:.3g}, p = {t.p_value:.3g}" if pd.notna(t.p_value) else ""
+    return f"{t.test}, {n}{stat}"
+
+
 def _legend(comp: Comparison) -> str:
-    return (f"* best mean test top-1 at its target. mean ± sample sd over seeds; 'vs dense' is the per-seed "
-            f"change from the dense model of the same seed. Significance: {TEST_NAME}, alpha {comp.alpha:g}.")
+    control = "" if len(comp.controls) else " (no dense-control runs in this selection)"
+    return (f"* best mean test top-1 at its target. mean ± sample sd over seeds of per-seed values and of "
+            f"per-seed differences (pp): 'vs dense' to the dense model of the same seed, 'vs dense (same epochs)' "
+            f"to the dense model trained unpruned for the same extra epochs{control}, 'vs best' to the best method "
+            f"at the target; 'zeroed' is the share of regularized channels below 5% of their layer's starting "
+            f"median norm after sparsity training (mean over seeds). Significance: {TEST_NAME}, alpha {comp.alpha:g}.")
 
 
 def to_text(comp: Comparison) -> str:
@@ -607,7 +793,7 @@ def to_csv(comp: Comparison) -> str:
 
 def to_html(comp: Comparison) -> str:
     """A standalone HTML page: the display table, the tests and the notes."""
-    tests = comp.tests.drop(columns=["test"]).rename(columns={"p_value": "p"})
+    tests = comp.tests.rename(columns={"p_value": "p", "statistic": "t"})
     notes = "".join(f"<li>{html.escape(n)}</li>" for n in comp.notes)
     return (
         "<!DOCTYPE html>\n<html><head><meta charset=\"utf-8\"><title>prunebench compare</title>\n"
@@ -628,16 +814,20 @@ def _records(frame: pd.DataFrame) -> list[dict[str, Any]]:
 
 
 def to_json(comp: Comparison) -> str:
-    """Everything, machine-readable: selection, table rows, tests, the cells used and the notes."""
+    """Everything, machine-readable: selection, table rows, tests, the cells and controls used, the notes."""
     cells = comp.cells.drop(columns=["stage_epochs"])
+    controls = comp.controls.drop(columns=["stage_epochs"], errors="ignore")
     doc = {
         "selection": {"tracking_uri": comp.selection.tracking_uri, "experiment": comp.selection.experiment,
                       "parent_run_ids": comp.selection.parent_run_ids, "filter": comp.selection.filter_string},
-        "units": {"top1_pct": "percent", "delta_pp": "percentage points", "macs_M": "millions of multiply-adds",
-                  "params_M": "millions", "latency_ms": "milliseconds (batch 1)",
-                  "latency_ms_batch": "milliseconds (larger batch)", "std": "sample standard deviation (ddof=1)"},
+        "units": {"top1_pct": "percent", "delta_pp": "percentage points", "vs_control_pp": "percentage points",
+                  "vs_best_pp": "percentage points", "macs_M": "millions of multiply-adds", "params_M": "millions",
+                  "latency_ms": "milliseconds (batch 1)", "latency_ms_batch": "milliseconds (larger batch)",
+                  "sparsity_zero_pct": "percent of the regularized channels",
+                  "std": "sample standard deviation (ddof=1)"},
         "test": TEST_NAME, "alpha": comp.alpha,
         "rows": _records(comp.table), "significance": _records(comp.tests), "cells": _records(cells),
+        "controls": _records(controls),
         "notes": comp.notes,
     }
     return json.dumps(doc, indent=2) + "\n"
@@ -686,6 +876,47 @@ def load_layers(client: MlflowClient, cells: pd.DataFrame) -> tuple[pd.DataFrame
             frames.append(layers.assign(order=range(len(layers)), **{k: getattr(cell, k) for k in CELL_KEYS}))
     notes = [f"{len(missing)} cell(s) without a readable layers.csv artifact: {', '.join(missing[:4])}"
              ] if missing else []
+    return (pd.concat(frames, ignore_index=True) if frames else pd.DataFrame()), notes
+
+
+def _norms_of(client: MlflowClient, run_id: str, dst: str) -> dict[str, np.ndarray] | None:
+    """A cell's ``sparsity_norms.json`` as sorted arrays ``start`` and ``end``; None when it has none.
+
+    Raises ValueError (with the run id) when the artifact is there but cannot be read.
+    """
+    from mlflow.exceptions import MlflowException
+
+    try:
+        if not any(f.path == NORMS_ARTIFACT for f in client.list_artifacts(run_id)):
+            return None
+        doc = json.loads(Path(client.download_artifacts(run_id, NORMS_ARTIFACT, dst)).read_text(encoding="utf-8"))
+        return {stage: np.sort(np.asarray(doc[stage], dtype=float).ravel()) for stage in ("start", "end")}
+    except (MlflowException, OSError, json.JSONDecodeError, KeyError, IndexError, TypeError, ValueError) as exc:
+        raise ValueError(run_id) from exc
+
+
+def load_norms(client: MlflowClient, cells: pd.DataFrame) -> tuple[pd.DataFrame, list[str]]:
+    """Sorted normalized channel norms of each method's lowest seed with a ``sparsity_norms.json``.
+
+    Long form: cell keys, ``stage`` (start/end of sparsity training), ``rank`` (0 = smallest) and ``value``.
+    Methods without sparsity training have no such artifact and are skipped silently.
+    """
+    frames, bad = [], []
+    with tempfile.TemporaryDirectory() as tmp, _quiet_downloads():
+        for _, grp in cells.sort_values("seed", kind="stable").groupby(["model", "dataset", "method_label"]):
+            for cell in grp.itertuples():
+                try:
+                    norms = _norms_of(client, cell.run_id, os.path.join(tmp, cell.run_id))
+                except ValueError:
+                    bad.append(cell.run_id)
+                    continue
+                if norms is None:
+                    continue
+                keys = {k: getattr(cell, k) for k in CELL_KEYS}
+                frames += [pd.DataFrame({"stage": stage, "rank": np.arange(len(v)), "value": v}).assign(**keys)
+                           for stage, v in norms.items()]
+                break
+    notes = [f"{len(bad)} cell(s) with an unreadable {NORMS_ARTIFACT} artifact: {', '.join(bad[:4])}"] if bad else []
     return (pd.concat(frames, ignore_index=True) if frames else pd.DataFrame()), notes
 
 
@@ -744,7 +975,12 @@ def write_outputs(client: MlflowClient, comp: Comparison, out_dir: Path, layers_
         written.append(P.plot_tradeoff(comp.table, out_dir / "tradeoff.png"))
         if not layers.empty:
             written.append(P.plot_layer_channels(layers, target, out_dir / "layers.png"))
-        history = load_history(client, comp.cells)
+        norms, notes = load_norms(client, comp.cells[comp.cells["target"] == target])
+        comp.notes.extend(notes)
+        if not norms.empty:
+            written.append(P.plot_sparsity_norms(norms, target, out_dir / "sparsity_norms.png"))
+        history = load_history(client, pd.concat([comp.cells, comp.controls], ignore_index=True)
+                               if len(comp.controls) else comp.cells)
         if history.empty:
             comp.notes.append("no per-epoch metrics logged: no training curves")
         else:
@@ -768,9 +1004,12 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
         description=(
             "Read the cells of `prunebench run` invocations (or of any runs that follow the prunebench tracking "
             "schema) back from MLflow and compare methods: mean ± sample sd and n over seeds of test top-1 and "
-            "its change from the dense model of the same seed, MACs, params, latency and speedup, with one "
-            "dense row per model/dataset. Per target, the best method is starred and its lead over the "
-            "runner-up is tested with a two-sided Welch's t-test on the per-seed values."
+            "its per-seed differences to the dense model, to the dense model trained for the same extra epochs "
+            "(when such control runs exist) and to the best method at the target, MACs, params, latency, speedup "
+            "and the share of channels zeroed by sparsity training, with one dense and one dense-control row per "
+            "model/dataset. Per target, the best method is starred and its lead over the runner-up is tested with "
+            "a two-sided paired t-test on the per-seed differences (methods of a seed share the dense model and "
+            "data order); Welch's t-test where the two seed sets differ."
         ),
         epilog=(
             "examples:\n"
@@ -792,17 +1031,18 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
     which.add_argument("--all-runs", action="store_true",
                        help="every invocation of the experiment (a repeated cell counts once, its latest run)")
     sel.add_argument("--filter", metavar="EXPR", dest="filter_string",
-                     help="MLflow filter string on the cell runs, e.g. \"params.method = 'oicsr'\"")
+                     help="MLflow filter string on the cell runs, e.g. \"params.method = 'oicsr'\" (dense "
+                          "controls follow the seeds of the selected cells)")
     out = p.add_argument_group("output")
     out.add_argument("--format", "-f", choices=FORMATS, default="text",
                      help="what to print on stdout (default: an aligned text table)")
     out.add_argument("--out", type=Path, metavar="DIR",
                      help="also write table.md, table.csv, table.html, table.json and PNG plots into DIR")
     out.add_argument("--layers-target", type=float, metavar="T",
-                     help="target of the per-layer channels plot (default: the smallest target)")
+                     help="target of the per-layer channels and sorted-norms plots (default: the smallest target)")
     out.add_argument("--no-plots", action="store_true", help="with --out, write the tables only")
     out.add_argument("--alpha", type=float, default=0.05,
-                     help="significance level of the Welch's t-test verdict (default: 0.05)")
+                     help="significance level of the t-test verdicts (default: 0.05)")
     p.set_defaults(func=run)
 
 

@@ -1,11 +1,15 @@
 """PNG figures for ``prunebench compare`` (matplotlib, Agg; no pyplot, so no global state or display).
 
-Three figures explain a comparison:
+Four figures explain a comparison:
 
 * :func:`plot_tradeoff` -- test top-1 against achieved MACs, one line per method across targets, error
-  bars = sample standard deviation over seeds, the dense model as a reference star and line;
+  bars = sample standard deviation over seeds, the dense model (star, dotted line) and the dense model
+  trained for the same extra epochs (diamond, dashed line) as references;
 * :func:`plot_layer_channels` -- remaining output channels per layer at one target, averaged over seeds,
   against the dense widths: *where* each method prunes (the figure pruning papers show);
+* :func:`plot_sparsity_norms` -- per regularized method, its channels' group norms (relative to the layer's
+  median at the start of sparsity training) sorted, at the start and the end of that stage: how many
+  channels the regularizer actually drove toward zero;
 * :func:`plot_training_curves` -- per cell, the per-epoch training loss, penalty, validation top-1 and
   learning rate with seeds overlaid and the sparsity/fine-tune stages shaded.
 
@@ -19,10 +23,12 @@ import re
 from collections.abc import Iterable
 from pathlib import Path
 
+import numpy as np
 import pandas as pd
 from matplotlib.axes import Axes
 from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure
+from matplotlib.lines import Line2D
 from matplotlib.ticker import MaxNLocator
 
 CURVE_PANELS = {  # panel title -> (metric, line style, scale for display); a panel shows what was logged
@@ -33,6 +39,8 @@ CURVE_PANELS = {  # panel title -> (metric, line style, scale for display); a pa
 }
 STAGE_COLORS = ("#fde8c8", "#d6ecfa", "#e3f5d8", "#efe0f5")
 DPI = 120
+ZERO_THRESHOLD = 0.05  # a channel below 5% of its layer's starting median norm counts as zeroed
+NORM_FLOOR = 1e-4  # exact zeros cannot sit on a log axis: smaller norms are drawn at this value
 
 
 def _figure(width: float, height: float) -> Figure:
@@ -84,18 +92,24 @@ def plot_tradeoff(table: pd.DataFrame, path: Path) -> Path:
             for x, y, t in zip(rows["macs_M"], rows["top1_pct"], rows["target"], strict=True):
                 ax.annotate(f"{t:g}", (x, y), textcoords="offset points", xytext=(4, 4), fontsize=7,
                             color=colors[label])
-        dense = here[here["kind"] == "dense"]
-        if len(dense) and pd.notna(dense["top1_pct"].iloc[0]):
-            d = dense.iloc[0]
-            ax.axhline(d["top1_pct"], color="0.4", linestyle=":", linewidth=1)
-            ax.errorbar([d["macs_M"]], [d["top1_pct"]], yerr=[0.0 if pd.isna(d["top1_pct_std"]) else d["top1_pct_std"]],
-                        marker="*", markersize=12, color="black", linestyle="none", capsize=3, label="dense")
+        _reference(ax, here[here["kind"] == "dense"], "*", 12, ":", "black")
+        _reference(ax, here[here["kind"] == "control"], "D", 7, "--", "0.35")
         ax.set_xlabel("MACs (M, fvcore; achieved)")
         ax.set_ylabel("test top-1 (%)")
         ax.set_title(f"{model} on {dataset}: accuracy vs compute (mean ± sd over seeds)", fontsize=10)
         ax.grid(True, alpha=0.3)
         ax.legend(fontsize=8)
     return _save(fig, path)
+
+
+def _reference(ax: Axes, rows: pd.DataFrame, marker: str, size: float, style: str, color: str) -> None:
+    """An unpruned reference row (dense, dense control) as a marker at its MACs and a horizontal line."""
+    if not len(rows) or pd.isna(rows["top1_pct"].iloc[0]):
+        return
+    r = rows.iloc[0]
+    ax.axhline(r["top1_pct"], color="0.4", linestyle=style, linewidth=1)
+    ax.errorbar([r["macs_M"]], [r["top1_pct"]], yerr=[0.0 if pd.isna(r["top1_pct_std"]) else r["top1_pct_std"]],
+                marker=marker, markersize=size, color=color, linestyle="none", capsize=3, label=r["method_label"])
 
 
 def _layer_means(layers: pd.DataFrame) -> tuple[pd.DataFrame, pd.Series]:
@@ -141,6 +155,40 @@ def plot_layer_channels(layers: pd.DataFrame, target: float, path: Path) -> Path
     return _save(fig, path)
 
 
+def plot_sparsity_norms(norms: pd.DataFrame, target: float, path: Path) -> Path:
+    """Sorted normalized channel norms at the start (dashed) and end (solid) of sparsity training, log scale.
+
+    ``norms`` is :func:`prunebench.compare.load_norms`'s long frame (cell keys, stage, rank, value): one seed
+    per method. One panel per (model, dataset), a line pair per method and the zero threshold as a line.
+    """
+    keys = list(norms.groupby(["model", "dataset"], sort=True).groups)
+    fig = _figure(7.2, 4.4 * len(keys))
+    axes = _model_dataset_axes(fig, keys, vertical=True)
+    colors = method_colors(norms["method_label"])
+    floored = bool((norms["value"] < NORM_FLOOR).any())
+    for (model, dataset), ax in axes.items():
+        here = norms[(norms["model"] == model) & (norms["dataset"] == dataset)]
+        for (label, seed), rows in here.groupby(["method_label", "seed"], sort=True):
+            for stage, style in (("start", "--"), ("end", "-")):
+                line = rows[rows["stage"] == stage].sort_values("rank")
+                ax.plot(line["rank"], np.maximum(line["value"], NORM_FLOOR), linestyle=style, linewidth=1.3,
+                        color=colors[label], label=f"{label} (seed {seed})" if stage == "end" else None)
+        ax.axhline(ZERO_THRESHOLD, color="0.3", linestyle=":", linewidth=1)
+        ax.text(0.01, ZERO_THRESHOLD, f"zero threshold ({ZERO_THRESHOLD:g})", transform=ax.get_yaxis_transform(),
+                va="bottom", fontsize=7, color="0.3")
+        ax.set_yscale("log")
+        ax.set_xlabel("regularized channels, sorted by norm")
+        ax.set_ylabel("group norm / layer median at start")
+        floor = f"; norms below {NORM_FLOOR:g} drawn at {NORM_FLOOR:g}" if floored else ""
+        ax.set_title(f"{model} on {dataset}: sorted channel norms at target {target:g}, start (dashed) and end "
+                     f"(solid) of sparsity training{floor}", fontsize=9)
+        ax.grid(True, which="both", alpha=0.25)
+        styles = [Line2D([], [], color="0.3", linestyle="--", label="start"),
+                  Line2D([], [], color="0.3", linestyle="-", label="end")]
+        ax.legend(handles=[*ax.get_legend_handles_labels()[0], *styles], fontsize=8)
+    return _save(fig, path)
+
+
 def _shade_stages(ax: Axes, stages: dict[str, list[int]], label: bool) -> None:
     """Shade each stage's step range [start, end) so the pruning point between stages is visible."""
     for i, (name, (start, end)) in enumerate(stages.items()):
@@ -152,13 +200,14 @@ def plot_training_curves(history: pd.DataFrame, stages: dict[str, list[int]], ou
     """One figure per (model, dataset, method label, target): per-epoch metrics with seeds overlaid.
 
     ``history`` is long-form (cell keys, metric, step, value). Panels appear for the metrics present;
-    top-1 is shown in percent. Files are ``<method>_t<target>.png`` (prefixed with model and dataset when
-    the selection spans several).
+    top-1 is shown in percent. Files are ``<method>_t<target>.png``, or ``<method>.png`` for runs without a
+    target (the dense control), prefixed with model and dataset when the selection spans several.
     """
     written: list[Path] = []
     several = history[["model", "dataset"]].drop_duplicates().shape[0] > 1
     seeds = sorted(history["seed"].unique())
-    for (model, dataset, label, target), cell in history.groupby(["model", "dataset", "method_label", "target"]):
+    for (model, dataset, label, target), cell in history.groupby(["model", "dataset", "method_label", "target"],
+                                                                 dropna=False):
         logged = set(cell["metric"])
         panels = {t: [c for c in curves if c[0] in logged] for t, curves in CURVE_PANELS.items()}
         panels = {t: curves for t, curves in panels.items() if curves}
@@ -179,11 +228,10 @@ def plot_training_curves(history: pd.DataFrame, stages: dict[str, list[int]], ou
             if curves[0][0] == "lr" and (lr > 0).all() and lr.max() > 10 * lr.min():  # schedules span decades
                 ax.set_yscale("log")
         axes[0].legend(fontsize=7)
-        fig.suptitle(f"{label} at target {target:g} ({model} on {dataset})", fontsize=10)
+        at = f" at target {target:g}" if math.isfinite(target) else ""
+        fig.suptitle(f"{label}{at} ({model} on {dataset})", fontsize=10)
         prefix = f"{slug(model)}_{slug(dataset)}_" if several else ""
-        written.append(_save(fig, out_dir / f"{prefix}{slug(label)}_t{_target_tag(target)}.png"))
+        suffix = f"_t{target:g}" if math.isfinite(target) else ""
+        written.append(_save(fig, out_dir / f"{prefix}{slug(label)}{suffix}.png"))
     return written
 
-
-def _target_tag(target: float) -> str:
-    return f"{target:g}" if math.isfinite(target) else "na"

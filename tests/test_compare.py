@@ -1,8 +1,11 @@
 """``prunebench compare`` on a tracking store logged by hand with the MLflow API (no prunebench run).
 
-The store follows design.md's tracking schema: an older invocation (one ``random`` cell), then the latest
-invocation with 2 methods x 2 seeds x 2 targets and one FAILED cell. The expected numbers are computed
-here from the values that were logged, independently of the code under test.
+The store follows design.md's tracking schema: an older invocation (one ``random`` cell, no dense
+controls), then the latest invocation with 2 methods x 2 seeds x 2 targets, one FAILED cell and the dense
+controls (the dense model trained for the same extra epochs: one per seed, plus a repeated, a FAILED and an
+orphan one). ``oicsr`` is regularized: its cells log the sparsity diagnostics and ``sparsity_norms.json``.
+The expected numbers are computed here from the values that were logged, independently of the code under
+test.
 """
 
 from __future__ import annotations
@@ -44,23 +47,41 @@ class Store:
     parent: str
     old_parent: str
     logged: dict[tuple[str, int, float], dict[str, float]] = field(default_factory=dict)
+    norms: dict[tuple[str, int, float], dict[str, list[float]]] = field(default_factory=dict)
+    controls: dict[int, dict[str, float]] = field(default_factory=dict)  # seed -> metrics of the counted run
+    control_ids: dict[int, str] = field(default_factory=dict)
 
 
-def _log_cell(client: MlflowClient, exp_id: str, parent: str, method: str, seed: int, target: float,
-              metrics: dict[str, float], tmp: Path, status: str = "FINISHED") -> str:
-    """One cell run exactly as the schema describes it (params, final and per-epoch metrics, artifacts)."""
-    run = client.create_run(exp_id, tags={"prunebench.kind": "cell", "mlflow.parentRunId": parent,
+def _log_run(client: MlflowClient, exp_id: str, parent: str, kind: str, params: dict[str, str],
+             metrics: dict[str, float], seed: int) -> str:
+    """A child run with params, final and per-epoch metrics (a cell or a dense control); returns its id."""
+    run = client.create_run(exp_id, tags={"prunebench.kind": kind, "mlflow.parentRunId": parent,
                                           "prunebench.stage_epochs": json.dumps(STAGES)})
     rid, now = run.info.run_id, int(time.time() * 1000)
-    params = {"method": method, "method_label": method, "seed": str(seed), "target": str(target),
-              "model": "resnet20", "dataset": "cifar10", "method.lambda": "0.001"}
     last = STAGES["finetune"][1] - 1  # final metrics sit at the last epoch; final val_top1 = the last epoch's
     epochs = [Metric(k, v * 0.8**e, now, e) for e in range(last + 1)
               for k, v in {"train_loss": 1.0 - 0.1 * seed, "train_penalty": 0.01, "lr": 0.1}.items()]
     epochs += [Metric("val_top1", metrics["val_top1"] - 0.05 * (last - e), now, e) for e in range(last)]
     final = [Metric(k, v, now, last) for k, v in metrics.items()]
     client.log_batch(rid, metrics=epochs + final, params=[Param(k, v) for k, v in params.items()],
-                     tags=[RunTag("mlflow.runName", f"{method}-s{seed}-t{target}")])
+                     tags=[RunTag("mlflow.runName", f"{params['method']}-s{seed}-t{params.get('target', 'na')}")])
+    return rid
+
+
+def _log_json(client: MlflowClient, rid: str, tmp: Path, name: str, doc: dict) -> None:
+    path = tmp / rid / name
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps(doc))
+    client.log_artifact(rid, str(path))
+
+
+def _log_cell(client: MlflowClient, exp_id: str, parent: str, method: str, seed: int, target: float,
+              metrics: dict[str, float], tmp: Path, status: str = "FINISHED",
+              norms: dict[str, list[float]] | None = None) -> str:
+    """One cell run exactly as the schema describes it (params, final and per-epoch metrics, artifacts)."""
+    params = {"method": method, "method_label": method, "seed": str(seed), "target": str(target),
+              "model": "resnet20", "dataset": "cifar10", "method.lambda": "0.001"}
+    rid = _log_run(client, exp_id, parent, "cell", params, metrics, seed)
     keep = 1 - target * (0.8 if method == "oicsr" else 1.0)
     rows = [(name, typ, cin, cout, cin if i == 0 else round(cin * keep),
              cout if typ == "Linear" else round(cout * keep)) for i, (name, typ, cin, cout) in enumerate(LAYERS)]
@@ -71,14 +92,41 @@ def _log_cell(client: MlflowClient, exp_id: str, parent: str, method: str, seed:
     path.parent.mkdir(parents=True)
     layers.to_csv(path, index=False)
     client.log_artifact(rid, str(path))
+    if norms is not None:
+        _log_json(client, rid, tmp, "sparsity_norms.json", norms)
     client.set_terminated(rid, status=status)
     return rid
+
+
+def _log_control(client: MlflowClient, exp_id: str, parent: str, seed: int, metrics: dict[str, float],
+                 status: str = "FINISHED") -> str:
+    """The dense model of ``seed`` trained unpruned for the cells' extra stages: kind control, no target."""
+    params = {"method": "dense_control", "method_label": "dense (same epochs)", "seed": str(seed),
+              "model": "resnet20", "dataset": "cifar10"}
+    rid = _log_run(client, exp_id, parent, "control", params, metrics, seed)
+    client.set_terminated(rid, status=status)
+    return rid
+
+
+def _control_metrics(rng: np.random.Generator, seed: int) -> dict[str, float]:
+    dense = 0.90 + 0.01 * seed
+    top1 = dense + 0.004 + rng.normal(0, 0.003)
+    return {"test_top1": top1, "val_top1": top1 + 0.01, "dense_test_top1": dense, "macs": 41e6, "macs_dense": 41e6,
+            "params": 0.27e6, "macs_reduction": 0.0}
+
+
+def _norms(rng: np.random.Generator) -> dict[str, list[float]]:
+    start = rng.lognormal(0, 0.3, 40)
+    end = start * np.where(rng.random(40) < 0.4, 1e-3, 0.7)  # some channels driven toward zero
+    return {"start": start.tolist(), "end": end.tolist()}
 
 
 def _metrics(rng: np.random.Generator, method: str, seed: int, target: float) -> dict[str, float]:
     dense = 0.90 + 0.01 * seed
     top1 = dense - target * (0.05 if method == "oicsr" else 0.09) + rng.normal(0, 0.004)
-    return {"test_top1": top1, "val_top1": top1 + 0.01, "dense_test_top1": dense, "macs": 41e6 * (1 - target),
+    sparsity = ({"sparsity_zero_frac": 0.2 + 0.5 * target + rng.uniform(0, 0.1), "sparsity_pull": rng.uniform(1, 2),
+                 "penalty_ratio": rng.uniform(0.1, 0.5)} if method == "oicsr" else {})  # regularized methods only
+    return {**sparsity, "test_top1": top1, "val_top1": top1 + 0.01, "dense_test_top1": dense, "macs": 41e6 * (1 - target),
             "macs_conv_fc": 40e6 * (1 - target), "macs_dense": 41e6, "macs_reduction": target + rng.normal(0, 0.002),
             "params": 0.27e6 * (1 - target), "params_dense": 0.27e6, "params_reduction": target,
             "latency_ms": 2.0 * (1 - target / 2), "latency_ms_batch": 20.0 * (1 - target),
@@ -102,9 +150,19 @@ def store(tmp_path_factory: pytest.TempPathFactory) -> Store:
         for seed in SEEDS:
             for target in TARGETS:
                 m = _metrics(rng, method, seed, target)
-                _log_cell(client, exp_id, parent, method, seed, target, m, root)
+                norms = _norms(rng) if method == "oicsr" else None
+                _log_cell(client, exp_id, parent, method, seed, target, m, root, norms=norms)
                 s.logged[(method, seed, target)] = m
+                if norms is not None:
+                    s.norms[(method, seed, target)] = norms
     _log_cell(client, exp_id, parent, "l1", 2, 0.3, _metrics(rng, "l1", 2, 0.3), root, status="FAILED")
+    _log_control(client, exp_id, parent, 0, _control_metrics(rng, 0))  # superseded by the later run of seed 0
+    time.sleep(0.01)
+    for seed in SEEDS:
+        s.controls[seed] = _control_metrics(rng, seed)
+        s.control_ids[seed] = _log_control(client, exp_id, parent, seed, s.controls[seed])
+    _log_control(client, exp_id, parent, 1, _control_metrics(rng, 1), status="FAILED")
+    _log_control(client, exp_id, parent, 2, _control_metrics(rng, 2))  # seed 2 has no finished cell
     client.set_terminated(parent)
     return s
 
@@ -151,12 +209,25 @@ def _json(store: Store, capsys: pytest.CaptureFixture[str], *argv: str) -> dict:
     return json.loads(_compare(store, "--format", "json", *argv, capsys=capsys))
 
 
+CONTROL = "dense (same epochs)"
+N_ROWS = len(METHODS) * len(TARGETS) + 2  # + the dense row and the dense-control row
+
+
+def _seeds(store: Store, method: str, target: float, key: str = "test_top1") -> np.ndarray:
+    return np.array([store.logged[(method, s, target)][key] for s in SEEDS])
+
+
+def _row(doc: dict, label: str, target: float | None = None) -> dict:
+    return next(r for r in doc["rows"] if r["method_label"] == label
+                and (target is None or (r["target"] is not None and np.isclose(r["target"], target))))
+
+
 def test_rows_means_and_stds_match_logged_metrics(store: Store, capsys: pytest.CaptureFixture[str]) -> None:
     doc = _json(store, capsys)
     rows = pd.DataFrame(doc["rows"])
-    assert len(rows) == len(METHODS) * len(TARGETS) + 1  # + one dense row; the old invocation is not selected
+    assert len(rows) == N_ROWS  # the old invocation is not selected
     assert doc["selection"]["parent_run_ids"] == [store.parent]
-    assert set(rows["method_label"]) == {*METHODS, "dense"}
+    assert set(rows["method_label"]) == {*METHODS, "dense", CONTROL}
     for method in METHODS:
         for target in TARGETS:
             row = rows[(rows["method_label"] == method) & np.isclose(rows["target"].astype(float), target)].iloc[0]
@@ -187,34 +258,118 @@ def test_failed_cell_is_left_out_and_counted(store: Store, capsys: pytest.Captur
     assert "1 FAILED" in _compare(store, capsys=capsys)
 
 
-def test_welch_p_value_equals_scipy(store: Store, capsys: pytest.CaptureFixture[str]) -> None:
+def test_paired_t_test_by_seed_equals_scipy(store: Store, capsys: pytest.CaptureFixture[str]) -> None:
     doc = _json(store, capsys)
     tests = pd.DataFrame(doc["significance"])
     assert len(tests) == len(TARGETS)
     for t in tests.itertuples():
         assert t.best == "oicsr" and t.runner_up == "l1"  # oicsr loses less accuracy by construction
-        a = [store.logged[("oicsr", s, t.target)]["test_top1"] for s in SEEDS]
-        b = [store.logged[("l1", s, t.target)]["test_top1"] for s in SEEDS]
-        assert t.p_value == pytest.approx(stats.ttest_ind(a, b, equal_var=False).pvalue)
+        a, b = _seeds(store, "oicsr", t.target), _seeds(store, "l1", t.target)
+        expected = stats.ttest_rel(a, b)  # same seeds: paired by seed
+        assert t.test == "paired t-test" and t.n == len(SEEDS) == t.n_common and t.df == len(SEEDS) - 1
+        assert t.statistic == pytest.approx(expected.statistic)
+        assert t.p_value == pytest.approx(expected.pvalue)
         assert t.lead_pp == pytest.approx((np.mean(a) - np.mean(b)) * 100)
-        row = [r for r in doc["rows"] if r["method_label"] == "oicsr" and r["target"] == t.target][0]
+        row = _row(doc, "oicsr", t.target)
         assert row["rank"] == 1 and row["p_vs_next"] == pytest.approx(t.p_value)
+        assert row["test_vs_next"] == "paired t-test"
+    assert "paired t-test" in doc["test"] and "Welch" in doc["test"]
     text = _compare(store, capsys=capsys)
-    assert "oicsr *" in text and "Welch" in text and "p = " in text
+    assert "oicsr *" in text and "paired t-test, n = 2 seeds, t = " in text and "p = " in text
+
+
+def test_vs_best_is_the_paired_difference_to_the_best(store: Store, capsys: pytest.CaptureFixture[str]) -> None:
+    doc = _json(store, capsys)
+    for target in TARGETS:
+        diff = (_seeds(store, "l1", target) - _seeds(store, "oicsr", target)) * 100
+        l1 = _row(doc, "l1", target)
+        assert l1["vs_best_pp"] == pytest.approx(diff.mean())
+        assert l1["vs_best_pp_std"] == pytest.approx(diff.std(ddof=1))
+        assert l1["vs_best_n"] == len(SEEDS)
+        best = _row(doc, "oicsr", target)
+        assert best["vs_best_pp"] == 0 and best["vs_best_pp_std"] is None
+    for kind in ("dense", "control"):
+        assert all(r["vs_best_pp"] is None for r in doc["rows"] if r["kind"] == kind)
+    text = _compare(store, capsys=capsys)
+    assert "vs best (pp)" in text and f"{diff.mean():+.2f} ± {diff.std(ddof=1):.2f}" in text
+
+
+def test_dense_control_row_and_vs_control_column(store: Store, capsys: pytest.CaptureFixture[str]) -> None:
+    doc = _json(store, capsys)
+    control = np.array([store.controls[s]["test_top1"] for s in SEEDS])
+    dense = np.array([store.controls[s]["dense_test_top1"] for s in SEEDS])
+    assert [r["kind"] for r in doc["rows"][:2]] == ["dense", "control"]  # right after the dense row
+    row = doc["rows"][1]
+    assert row["method_label"] == CONTROL and row["method"] == "dense_control" and row["target"] is None
+    assert row["n"] == len(SEEDS)  # the repeated seed-0 run once, the FAILED run and seed 2 (no cell) not at all
+    assert row["top1_pct"] == pytest.approx(control.mean() * 100)
+    assert row["top1_pct_std"] == pytest.approx(control.std(ddof=1) * 100)
+    assert row["delta_pp"] == pytest.approx(((control - dense) * 100).mean())
+    assert row["macs_M"] == pytest.approx(41) and row["macs_reduction_pct"] == 0 and row["rank"] is None
+    for method in METHODS:
+        for target in TARGETS:
+            diff = (_seeds(store, method, target) - control) * 100
+            r = _row(doc, method, target)
+            assert r["vs_control_pp"] == pytest.approx(diff.mean())
+            assert r["vs_control_pp_std"] == pytest.approx(diff.std(ddof=1))
+            assert r["vs_control_n"] == len(SEEDS)
+    # controls are not cells: no target, no test, not in the cells list
+    assert len(doc["cells"]) == len(METHODS) * len(SEEDS) * len(TARGETS)
+    assert {c["method"] for c in doc["cells"]} == set(METHODS) and len(doc["significance"]) == len(TARGETS)
+    assert sorted(c["run_id"] for c in doc["controls"]) == sorted(store.control_ids.values())
+    assert any("1 dense control run(s) not finished" in n for n in doc["notes"])
+    assert any("repeated dense control" in n for n in doc["notes"])
+    lines = _compare(store, capsys=capsys).splitlines()
+    rule = next(i for i, line in enumerate(lines) if set(line) <= {"-", " "} and line)
+    assert lines[rule + 1].startswith("dense ") and lines[rule + 2].startswith(CONTROL)
+    assert "vs dense (same epochs, pp)" in lines[rule - 1]
+    seed0 = _json(store, capsys, "--filter", "params.seed = '0'")
+    assert seed0["rows"][1]["n"] == 1 and seed0["rows"][1]["top1_pct"] == pytest.approx(control[0] * 100)
+
+
+def test_without_control_runs_the_column_is_blank(store: Store, capsys: pytest.CaptureFixture[str]) -> None:
+    old = _json(store, capsys, "--run-id", store.old_parent)  # an older invocation: no dense controls
+    assert [r["kind"] for r in old["rows"]] == ["dense", "pruned"] and old["controls"] == []
+    assert old["rows"][1]["vs_control_pp"] is None and old["rows"][1]["vs_control_n"] is None
+    text = _compare(store, "--run-id", store.old_parent, capsys=capsys)
+    assert "vs dense (same epochs, pp)" in text and "no dense-control runs" in text
+
+
+def test_sparsity_diagnostics_for_regularized_methods_only(store: Store, capsys: pytest.CaptureFixture[str]) -> None:
+    doc = _json(store, capsys)
+    for target in TARGETS:
+        oicsr = _row(doc, "oicsr", target)
+        assert oicsr["sparsity_zero_pct"] == pytest.approx(_seeds(store, "oicsr", target, "sparsity_zero_frac").mean()
+                                                           * 100)
+        assert oicsr["sparsity_pull"] == pytest.approx(_seeds(store, "oicsr", target, "sparsity_pull").mean())
+        assert oicsr["penalty_ratio"] == pytest.approx(_seeds(store, "oicsr", target, "penalty_ratio").mean())
+        l1 = _row(doc, "l1", target)
+        assert l1["sparsity_zero_pct"] is None and l1["sparsity_pull"] is None and l1["penalty_ratio"] is None
+    frame = pd.read_csv(io.StringIO(_compare(store, "--format", "csv", capsys=capsys)))
+    assert {"sparsity_zero_pct", "sparsity_pull", "penalty_ratio"} <= set(frame.columns)
+    lines = _compare(store, capsys=capsys).splitlines()
+    header = next(line for line in lines if "zeroed %" in line)
+    col = header.index("zeroed %") + len("zeroed %")  # right-aligned column: its last character
+    zeroed = {line.split()[0]: line[col - 8:col].strip() for line in lines[lines.index(header) + 2:]
+              if line.split() and line.split()[0] in METHODS and "0.30" in line}
+    assert zeroed["l1"] == "" and zeroed["oicsr"] == f"{_row(doc, 'oicsr', 0.3)['sparsity_zero_pct']:.1f}"
+    old = _compare(store, "--run-id", store.old_parent, capsys=capsys)
+    assert "zeroed" not in old.split("\n\n")[1]  # no regularized method: the column is left out
 
 
 def test_single_seed_makes_no_significance_statement(store: Store, capsys: pytest.CaptureFixture[str]) -> None:
     doc = _json(store, capsys, "--filter", "params.seed = '0'")
     rows = pd.DataFrame(doc["rows"])
     assert (rows["n"] == 1).all() and rows["top1_pct_std"].isna().all()
-    assert all(t["p_value"] is None and "no significance statement" in t["verdict"] for t in doc["significance"])
+    assert all(t["p_value"] is None and t["statistic"] is None and t["n"] == 1 and t["test"] == "paired t-test"
+               and "n < 2 common seeds: no significance statement" in t["verdict"] for t in doc["significance"])
     assert "no significance statement is possible" in _compare(store, "--filter", "params.seed = '0'", capsys=capsys)
 
 
 @pytest.mark.parametrize("fmt", ["text", "md", "csv", "html", "json"])
 def test_every_format_parses(store: Store, capsys: pytest.CaptureFixture[str], fmt: str) -> None:
     out = _compare(store, "--format", fmt, capsys=capsys)
-    n_rows = len(METHODS) * len(TARGETS) + 1
+    n_rows = N_ROWS
     if fmt == "csv":
         frame = pd.read_csv(io.StringIO(out))
         assert len(frame) == n_rows and {"top1_pct", "top1_pct_std", "n", "macs_M"} <= set(frame.columns)
@@ -241,8 +396,8 @@ def test_out_dir_writes_tables_and_valid_pngs(store: Store, capsys: pytest.Captu
     for name in ("table.md", "table.csv", "table.html", "table.json"):
         assert (out / name).stat().st_size > 0
     pngs = sorted(p.relative_to(out).as_posix() for p in out.rglob("*.png"))
-    expected_curves = {f"curves/{m}_t{t:g}.png" for m in METHODS for t in TARGETS}
-    assert set(pngs) == {"tradeoff.png", "layers.png", *expected_curves}
+    expected_curves = {f"curves/{m}_t{t:g}.png" for m in METHODS for t in TARGETS} | {"curves/dense_same_epochs.png"}
+    assert set(pngs) == {"tradeoff.png", "layers.png", "sparsity_norms.png", *expected_curves}
     for name in pngs:
         data = (out / name).read_bytes()
         assert data[:8] == b"\x89PNG\r\n\x1a\n"
@@ -251,9 +406,24 @@ def test_out_dir_writes_tables_and_valid_pngs(store: Store, capsys: pytest.Captu
         assert image[..., :3].std() > 0  # something was drawn
 
 
+def test_norms_plot_reads_the_first_seed_and_is_skipped_without_artifacts(
+        store: Store, capsys: pytest.CaptureFixture[str], tmp_path: Path) -> None:
+    client = MlflowClient(store.uri)
+    comp = compare.build(client, compare.select(client, store.uri))
+    norms, notes = compare.load_norms(client, comp.cells[comp.cells["target"] == 0.6])
+    assert notes == [] and set(norms["method_label"]) == {"oicsr"} and set(norms["seed"]) == {min(SEEDS)}
+    for stage in ("start", "end"):
+        values = norms[norms["stage"] == stage].sort_values("rank")["value"].to_numpy()
+        assert values == pytest.approx(np.sort(store.norms[("oicsr", min(SEEDS), 0.6)][stage]))
+    out = tmp_path / "old"
+    _compare(store, "--run-id", store.old_parent, "--out", str(out), capsys=capsys)  # a random cell: no artifact
+    assert (out / "layers.png").exists() and not (out / "sparsity_norms.png").exists()
+    assert not any("sparsity_norms" in n for n in json.loads((out / "table.json").read_text())["notes"])
+
+
 def test_all_runs_and_run_id_select_invocations(store: Store, capsys: pytest.CaptureFixture[str]) -> None:
     every = _json(store, capsys, "--all-runs")
-    assert {r["method_label"] for r in every["rows"]} == {*METHODS, "random", "dense"}
+    assert {r["method_label"] for r in every["rows"]} == {*METHODS, "random", "dense", CONTROL}
     old = _json(store, capsys, "--run-id", store.old_parent)
     assert {r["method_label"] for r in old["rows"]} == {"random", "dense"}
     assert old["significance"][0]["verdict"].startswith("only one method")
@@ -269,6 +439,11 @@ def test_experiment_is_picked_or_must_be_named(store: Store, capsys: pytest.Capt
     with pytest.raises(UserError, match="2 experiments.*--experiment"):
         _compare(two, capsys=capsys)
     assert _json(two, capsys, "--experiment", EXPERIMENT)["selection"]["experiment"] == EXPERIMENT
+
+
+def test_a_control_run_is_not_an_invocation(store: Store, capsys: pytest.CaptureFixture[str]) -> None:
+    with pytest.raises(UserError, match=f"single dense control.*--run-id {store.parent}"):
+        _compare(store, "--run-id", store.control_ids[0], capsys=capsys)
 
 
 @pytest.mark.parametrize(
@@ -304,29 +479,85 @@ def test_cli_exit_status_2_on_empty_selection(store: Store, capsys: pytest.Captu
     assert status == 2
 
 
-def _cells(values: dict[str, list[float]], target: float = 0.5) -> pd.DataFrame:
-    rows = [{"model": "m", "dataset": "d", "method": k, "method_label": k, "target": target, "seed": i,
-             "test_top1": v} for k, vs in values.items() for i, v in enumerate(vs)]
+Seeded = dict[str, dict[int, float]]  # method label -> seed -> test top-1
+
+
+def _cells(values: Seeded, target: float = 0.5) -> pd.DataFrame:
+    rows = [{"model": "m", "dataset": "d", "method": k, "method_label": k, "target": target, "seed": seed,
+             "test_top1": v} for k, vs in values.items() for seed, v in vs.items()]
     return pd.DataFrame(rows)
 
 
+def _seeded(**lists: list[float]) -> Seeded:
+    return {k: dict(enumerate(vs)) for k, vs in lists.items()}
+
+
+def _expected(values: Seeded, test: str | None) -> tuple[float, float]:
+    """(t, p) computed here with scipy on the values in %: paired by seed, or Welch's on the values."""
+    a, b = values["a"], values["b"]
+    if test == "paired t-test":
+        seeds = sorted(a)
+        res = stats.ttest_rel([a[s] * 100 for s in seeds], [b[s] * 100 for s in seeds])
+    else:
+        res = stats.ttest_ind([v * 100 for v in a.values()], [v * 100 for v in b.values()], equal_var=False)
+    return res.statistic, res.pvalue
+
+
 @pytest.mark.parametrize(
-    ("values", "p_expected", "verdict"),
+    ("values", "test", "verdict"),
     [
-        ({"a": [0.91, 0.93, 0.92], "b": [0.80, 0.81, 0.79]}, "scipy", "larger than seed noise"),
-        ({"a": [0.91, 0.80, 0.95], "b": [0.90, 0.82, 0.93]}, "scipy", "within seed noise"),
-        ({"a": [0.5, 0.5], "b": [0.25, 0.25]}, None, "no seed-to-seed variation"),  # scipy would say p = 0
-        ({"a": [0.9], "b": [0.8, 0.7]}, None, "no significance statement"),
-        ({"a": [0.9, 0.8]}, None, "only one method"),
+        (_seeded(a=[0.91, 0.93, 0.92], b=[0.80, 0.81, 0.79]), "paired t-test", "larger than seed noise"),
+        (_seeded(a=[0.91, 0.80, 0.95], b=[0.90, 0.82, 0.93]), "paired t-test", "within seed noise"),
+        # the values vary a lot between seeds but the per-seed lead hardly: only pairing sees it
+        (_seeded(a=[0.91, 0.80, 0.95, 0.70], b=[0.90, 0.79, 0.935, 0.69]), "paired t-test", "larger than seed noise"),
+        ({"a": {0: 0.91, 1: 0.80, 2: 0.95}, "b": {0: 0.90, 1: 0.82, 3: 0.93}}, "Welch's t-test", "within seed noise"),
+        ({"a": {0: 0.91, 1: 0.93, 2: 0.92}, "b": {1: 0.80, 2: 0.81, 3: 0.79, 4: 0.8}}, "Welch's t-test",
+         "larger than seed noise"),
     ],
 )
-def test_significance_verdicts(values: dict[str, list[float]], p_expected: str | None, verdict: str) -> None:
+def test_significance_pairs_by_seed_and_matches_scipy(values: Seeded, test: str, verdict: str) -> None:
+    row = compare.significance(_cells(values)).iloc[0]
+    assert row["best"] == "a" and row["runner_up"] == "b" and row["test"] == test and verdict in row["verdict"]
+    t, p = _expected(values, test)
+    assert row["statistic"] == pytest.approx(t) and row["p_value"] == pytest.approx(p)
+    assert row["n"] == (len(values["a"]) if test == "paired t-test" else len(values["a"]) + len(values["b"]))
+    assert row["n_common"] == len(set(values["a"]) & set(values["b"]))
+    mean = {k: np.mean(list(v.values())) * 100 for k, v in values.items()}
+    assert row["lead_pp"] == pytest.approx(mean["a"] - mean["b"])
+
+
+@pytest.mark.parametrize(
+    ("values", "verdict"),
+    [
+        # the same lead on every seed: t = lead / 0, and scipy would print p = 0 (or a tiny p from rounding)
+        (_seeded(a=[0.5, 0.6, 0.7], b=[0.25, 0.35, 0.45]), "identical per-seed differences"),
+        (_seeded(a=[0.91, 0.93], b=[0.81, 0.83]), "identical per-seed differences"),
+        (_seeded(a=[0.5, 0.5], b=[0.25, 0.25]), "identical per-seed differences"),
+        ({"a": {0: 0.5, 1: 0.5}, "b": {0: 0.25, 2: 0.25}}, "no seed-to-seed variation on either side"),
+        (_seeded(a=[0.9], b=[0.8]), "n < 2 common seeds: no significance statement"),
+        ({"a": {0: 0.9}, "b": {0: 0.8, 1: 0.7}}, "n < 2 on one side: no significance statement"),
+        (_seeded(a=[0.9, 0.8]), "only one method"),
+    ],
+)
+def test_significance_makes_no_statement_without_noise_estimate(values: Seeded, verdict: str) -> None:
     row = compare.significance(_cells(values)).iloc[0]
     assert row["best"] == "a" and verdict in row["verdict"]
-    if p_expected == "scipy":
-        assert row["p_value"] == pytest.approx(stats.ttest_ind(values["a"], values["b"], equal_var=False).pvalue)
-    else:
-        assert np.isnan(row["p_value"])
+    assert np.isnan(row["p_value"]) and np.isnan(row["statistic"])
+    comp = compare.Comparison(compare.Selection("sqlite:///x.db", "e", "1"), _cells(values).assign(
+        stage_epochs=None), pd.DataFrame({"model": ["m"], "dataset": ["d"]}), pd.DataFrame([row]), [])
+    assert "p = " not in "\n".join(compare.verdict_lines(comp))
+
+
+def test_vs_best_pairs_common_seeds() -> None:
+    """With different seed sets, 'vs best' averages the per-seed differences over the common seeds only."""
+    values = {"a": {0: 0.91, 1: 0.93, 2: 0.92}, "b": {1: 0.80, 2: 0.83, 3: 0.5}}
+    cells = _cells(values).assign(**{k: np.nan for k in (*compare.FINAL_METRICS, *compare.OPTIONAL_METRICS)
+                                     if k != "test_top1"})
+    table = compare.aggregate(cells)
+    b = table[table["method_label"] == "b"].iloc[0]
+    diff = np.array([0.80 - 0.93, 0.83 - 0.92]) * 100
+    assert b["vs_best_pp"] == pytest.approx(diff.mean()) and b["vs_best_pp_std"] == pytest.approx(diff.std(ddof=1))
+    assert b["vs_best_n"] == 2 and pd.isna(b["vs_control_pp"])  # no dense controls given
 
 
 def test_cells_without_parent_runs_are_all_compared(store: Store, capsys: pytest.CaptureFixture[str],
@@ -339,5 +570,5 @@ def test_cells_without_parent_runs_are_all_compared(store: Store, capsys: pytest
         client.delete_run(parent)
     doc = _json(Store(f"sqlite:///{copy}", tmp_path, "", ""), capsys)
     assert doc["selection"]["parent_run_ids"] == []
-    assert {r["method_label"] for r in doc["rows"]} == {*METHODS, "random", "dense"}
+    assert {r["method_label"] for r in doc["rows"]} == {*METHODS, "random", "dense", CONTROL}
     assert any("no parent runs" in n for n in doc["notes"])
