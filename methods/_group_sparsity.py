@@ -46,7 +46,7 @@ class GroupSparsityParams(LambdaParams):
     """Parameters shared by the group-sparsity methods."""
 
     lambda_: float = Field(
-        1e-4,
+        2e-3,
         alias="lambda",
         ge=0,
         description="L2,1 factor: each step pulls every group's norm toward 0 by lr*lambda",
@@ -219,6 +219,22 @@ class GroupSparsityMethod(PruningMethod):
         """``lambda * sum_groups sum_k w_k ||G_(k)||`` (``w = 1`` for the L2,1 norm); loss mode only."""
         if self.mode != "loss" or self.lam == 0 or not self.plans:
             return None
+        return self._penalty_term()
+
+    def regularized_norms(self) -> list[Tensor]:
+        """Per group, ``||G_i||_2`` of the regularized part (what the L2,1 norm drives to zero)."""
+        return [plan.sq_norms().detach().sqrt() for plan in self.plans]
+
+    def pull_per_lr(self, momentum: float) -> float:
+        """``lambda`` per unit learning rate; ``lambda/(1-momentum)`` in ``loss`` mode (through the gradient)."""
+        return self.lam / (1.0 - momentum) if self.mode == "loss" else self.lam
+
+    @torch.no_grad()
+    def regularizer_value(self) -> Tensor | None:
+        """The penalty's value in either mode (proximal training has no loss term to read it from)."""
+        return self._penalty_term() if self.plans else None
+
+    def _penalty_term(self) -> Tensor:
         if all(w is None for w in self.rank_weights):
             norms = torch.cat([plan.sq_norms() for plan in self.plans])
             return self.lam * safe_norms(norms).sum()

@@ -12,33 +12,49 @@ Choices the paper leaves open, and ours:
 
 * BatchNorm: SSL predates the habit of pruning through BN; we include the channel's gamma and beta in
   its group so that a zeroed group is a dead channel (a zero filter with a non-zero beta is not).
-* Importance: the filter norm ``||W^l[i]||_2`` of the root layer (SSL removes the all-zero filters; in a
-  harness pruning to a MACs target we need a ranking, and the filter norm is the quantity regularized).
+* Importance: the norm of the same regularized group ``||[W^l[i], b^l_i, gamma_i, beta_i]||_2``
+  (``score: group``, the default), so that ``group_lasso`` and ``oicsr`` differ only in the consumer's
+  in-channel. Behind a BatchNorm a filter's scale carries no importance (BN renormalizes it), so the
+  filter norm alone would mix a second change into "OICSR vs group lasso"; it is kept as the ablation
+  ``score: filter`` (``||W^l[i]||_2``).
 * Cross-layer ranking: normalized by the layer's maximum (``normalize = "max"``), like ``oicsr``, so the
   two methods rank with the same rule; raw norms are not comparable across layers of different fan-in.
-* ``lambda`` default 1e-4 and ``mode`` as for ``oicsr`` (see its docstring for the reasoning).
+* ``lambda`` default and ``mode`` as for ``oicsr`` (see its docstring for the arithmetic): the root
+  groups have smaller norms than the out-in groups, so the same ``lambda`` pulls them at least as hard.
 """
 
 from __future__ import annotations
 
-from typing import ClassVar
+from typing import ClassVar, Literal
 
+from pydantic import Field
 from torch import Tensor
 
 from prunebench.groups import Part, PrunableGroup
-from prunebench.methods._group_sparsity import GroupSparsityMethod, GroupSparsityParams, member_slice
+from prunebench.methods._group_sparsity import GroupSparsityMethod, GroupSparsityParams, member_slice, plan_group
 from prunebench.registry import register_method
+
+
+class GroupLassoParams(GroupSparsityParams):
+    """Group lasso's parameters: ``lambda``, ``mode`` and which norm ranks the channels."""
+
+    score: Literal["group", "filter"] = Field(
+        "group", description="'group': norm of the regularized group (filter, bias, gamma, beta); 'filter': "
+        "the root filter's norm only (ablation)"
+    )
 
 
 @register_method("group_lasso")
 class GroupLasso(GroupSparsityMethod):
-    description = "group lasso on the root layer's out-channels (Wen et al. 2016, SSL), filter-norm importance"
-    Params = GroupSparsityParams
+    description = "group lasso on the root layer's out-channels (Wen et al. 2016, SSL), regularized-group norm importance"
+    Params = GroupLassoParams
     normalize = "max"
     part: ClassVar[Part] = "root"
 
     def score(self, group: PrunableGroup) -> Tensor:
-        """Filter norm ``||W^l[i]||_2`` of the root layer (weights only, no bias or BN)."""
+        """``||[W^l[i], b^l_i, gamma_i, beta_i]||_2`` (``score: group``) or ``||W^l[i]||_2`` (``score: filter``)."""
+        if self.params.score == "group":  # type: ignore[attr-defined]
+            return plan_group(group, "root").sq_norms().detach().sqrt()
         root = next((m for m in group.part("out") if m.module is group.root), None)
         if root is None:
             raise ValueError(f"group {group.name!r} has no member for its root layer")

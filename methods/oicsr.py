@@ -15,7 +15,7 @@ then its group energy ``||G_i||^2``, statistics of two consecutive layers rather
 Choices the paper leaves open, and ours:
 
 * BatchNorm: the paper's group concatenates the two weight slices; we add the channel's BN gamma and beta
-  (design.md), because a zero filter with a non-zero beta still feeds the next layer.
+  (docs/design.md), because a zero filter with a non-zero beta still feeds the next layer.
 * GrOWL weights: we use the OSCAR linear decay, the common GrOWL choice (Oswal et al. 2016; Zhang et
   al. 2018), parametrized by ``growl_min`` (smallest / largest weight, default 0.5), and rank the group
   norms within one layer's prunable group, so that ``lambda`` keeps one meaning across layers of
@@ -24,12 +24,14 @@ Choices the paper leaves open, and ours:
 * Optimization: the paper trains with the penalty in the loss (``mode: loss``, the default). ``mode:
   proximal`` applies the exact proximal operator after each SGD step instead (block soft-thresholding;
   for GrOWL the OWL prox on the layer's group norms), which produces exact zeros.
-* ``lambda`` default 1e-4, for CIFAR ResNets with SGD at lr 0.1 and weight decay 5e-4: every step pulls
-  each group norm toward zero by ``lr*lambda = 1e-5`` while weight decay pulls by ``lr*wd*||G||``, so
-  the group penalty dominates exactly for the groups whose norm is below ``lambda/wd = 0.2`` (the
-  tail: at He initialization an out-in group norm is ~2.2 whatever the width) and drives those to
-  zero without crushing the rest; ResNet-56's ~1000 internal groups start at a penalty of ~0.2, a
-  fraction of the cross-entropy. Tune over 1e-5..1e-3 on the validation split.
+* ``lambda`` default 2e-3, calibrated so that the reference sparsity stage -- the paper-scale CIFAR-10
+  recipe's 40 epochs at lr 0.01, 352 steps each, SGD momentum 0.9 -- can act: the L2,1 (sub)gradient of
+  norm ``lambda`` per group, amplified by momentum to ``lambda/(1-0.9)`` per unit of learning rate, shrinks
+  a group by at most ``sum(lr) * lambda / (1-mu) = 140.8 * 2e-3 * 10 = 2.8`` over the stage: a
+  ``sparsity_pull`` of 1.4 for a median out-in group norm of about 2 (docs/design.md, "Fairness protocol"). At the former
+  1e-4 the pull was 0.07 and weight decay pulled harder than the penalty. A shorter stage needs a larger
+  ``lambda`` (``prunebench run`` warns below pull 0.5); ``prunebench tune`` searches the range where the
+  recipe's own stage reaches pull 0.5 to 16.
 * Cross-layer ranking: the paper ranks the out-in-channels of all layers globally by this statistic;
   how scores of different layers are made comparable is our choice: we normalize by the layer's
   maximum (``normalize = "max"``). With max normalization the ranking of the energy ``||G||^2`` equals

@@ -1,6 +1,6 @@
 """``prunebench compare``: read cells back from MLflow and lay them side by side.
 
-The comparison is built only from what the tracking schema (design.md, "Tracking schema") promises, so
+The comparison is built only from what the tracking schema (docs/design.md, "Tracking schema") promises, so
 it works on runs that any tool logged by those names, not just on ``prunebench run``'s:
 
 1. **select** -- an experiment (the recipe's name), one or more parent runs (one per ``prunebench run``

@@ -2,7 +2,7 @@
 
 fvcore's ``FlopCountAnalysis`` counts one multiply-add as one "flop", so its total is what we call
 ``macs``. It also counts BatchNorm and adaptive pooling; papers quote conv and linear multiply-adds only,
-so :func:`count_macs` reports both (``macs`` and ``macs_conv_fc``, design.md "MACs and parameters").
+so :func:`count_macs` reports both (``macs`` and ``macs_conv_fc``, docs/design.md "MACs and parameters").
 The per-module counts (``by_module``) feed the pruning engine's cost model, which scales them with
 channel counts instead of re-tracing the model for every channel it removes.
 """

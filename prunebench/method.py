@@ -99,6 +99,25 @@ class PruningMethod:
     def on_epoch_end(self, epoch: int) -> None:
         """Called at the end of every sparsity-training epoch."""
 
+    # -- sparsity diagnostics (methods with a regularizer; see docs/design.md) -------------------
+    def regularized_norms(self) -> list[Tensor]:
+        """Per group, the norm of every channel's regularized weights: what the regularizer drives to zero
+        (OICSR: the out-in group; slimming: ``|gamma|``). Empty for a method without a sparsity regularizer,
+        which is what marks a method as *regularized* for the diagnostics."""
+        return []
+
+    def pull_per_lr(self, momentum: float) -> float:
+        """The largest shrinkage of one regularized norm per unit of learning rate at the steady state:
+        ``lambda``, times ``1/(1-momentum)`` when the pull goes through the gradient (SGD momentum
+        amplifies it), not when it is a proximal step. ``0`` without a regularizer."""
+        return 0.0
+
+    def regularizer_value(self) -> Tensor | None:
+        """The regularizer's current value (``lambda`` times the sparsity norm), also when it is not a loss
+        term (proximal steps, slimming's subgradient); ``None`` without a regularizer. Called once per
+        epoch, never per step."""
+        return self.penalty()
+
     # -- pruning ---------------------------------------------------------------------------------
     def score(self, group: PrunableGroup) -> Tensor:
         """One importance score per channel of ``group`` (shape ``[group.size]``); higher = keep."""

@@ -4,7 +4,7 @@
 
 Every cell of a seed starts from the same dense checkpoint, sees the same data order and gets the same
 number of training epochs in every stage (methods without sparsity training get plain training: the
-matched budget of design.md). The test split is read only for final metrics.
+matched budget of docs/design.md). The test split is read only for final metrics.
 
 Reliability (README "Resuming and failures"):
 
@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import copy
 import json
+import logging
 import re
 import shutil
 import signal
@@ -50,10 +51,15 @@ from prunebench.models import create_model
 from prunebench.recipe import Recipe, Schedule, dump_recipe, method_label
 from prunebench.registry import broken_methods, build_method
 from prunebench.serialize import pruned_payload
+from prunebench.sparsity import SparsityMonitor, check_pulls, sparsity_pull, steps_per_epoch
 from prunebench.train import (DivergedError, EpochStats, evaluate, make_optimizer, prepare_model, resolve_device,
                               seed_everything, train)
 
 _STAGE_CODE = {"dense": 1, "sparsity": 2, "between": 3, "finetune": 4}
+CONTROL = {"name": "dense_control"}
+"""The spec of a seed's dense control: the dense model trained on, unpruned, through the cells' stages."""
+CONTROL_LABEL = "dense (same epochs)"
+log = logging.getLogger("prunebench")
 
 
 @dataclass
@@ -192,6 +198,42 @@ def preflight(ctx: Context) -> None:
     tracking.check_uri(ctx.recipe.tracking.uri)
 
 
+def regularizer_pulls(ctx: Context, model: nn.Module | None = None) -> list[tuple[str, float]]:
+    """``sparsity_pull`` of every regularized method of the recipe over its sparsity stage, estimated before
+    any training: on the cached dense model of the first seed when there is one, else at initialization."""
+    recipe = ctx.recipe
+    specs = [s for s in recipe.methods if build_method(s).has_sparsity_training()]
+    if not specs:
+        return []
+    if model is None:
+        seed_everything(recipe.seed_list[0])
+        model = ctx.new_model()
+        if recipe.dense.checkpoint:
+            load_user_checkpoint(recipe, model)
+        elif cache.dense_path(recipe, recipe.seed_list[0]).is_file():
+            model.load_state_dict(cache.safe_load(cache.dense_path(recipe, recipe.seed_list[0]))["state_dict"])
+    _, groups = build_groups(model, ctx.example, scope=recipe.prune.scope, ignored_layers=recipe.prune.ignored_layers)
+    steps = steps_per_epoch(ctx.data.split_sizes()["train"], recipe.data.batch_size)
+    out = []
+    for spec in specs:
+        method = build_method(spec)
+        method.attach(model, groups)
+        pull = sparsity_pull(method, recipe.sparsity, steps)
+        if pull is not None:
+            out.append((method_label(spec), pull))
+    return out
+
+
+def check_regularizers(ctx: Context) -> None:
+    """Warn about every regularized method that cannot act over the recipe's sparsity stage
+    (``sparsity_pull`` < 0.5); with ``sparsity.require_pull`` refuse the recipe instead (exit 2)."""
+    problems = check_pulls(regularizer_pulls(ctx))
+    if problems and ctx.recipe.sparsity.require_pull:
+        raise UserError("; ".join(problems))
+    for p in problems:
+        log.warning("warning: %s", p)
+
+
 def load_user_checkpoint(recipe: Recipe, model: nn.Module) -> None:
     """Load ``dense.checkpoint`` (a state dict, or ``{"state_dict": ...}``) into ``model`` with weights_only."""
     path = Path(recipe.dense.checkpoint or "").expanduser()
@@ -298,15 +340,21 @@ class Phase:
     iteration: int = 0  # prune phases: step j of k
 
 
-def cell_phases(recipe: Recipe, method: PruningMethod) -> list[Phase]:
-    """Sparsity training, ``iterations`` pruning steps with fine-tuning between them, fine-tuning."""
-    phases = [Phase("sparsity", recipe.sparsity, method.has_sparsity_training())]
+def cell_phases(recipe: Recipe, method: PruningMethod, *, prune: bool = True) -> list[Phase]:
+    """Sparsity training, ``iterations`` pruning steps with fine-tuning between them, fine-tuning.
+
+    Between pruning steps the regularized methods keep their regularizer on, all alike (OICSR's iterative
+    procedure). ``prune=False`` gives the dense control's phases: the same training stages, no cut.
+    """
+    reg = method.has_sparsity_training()
+    phases = [Phase("sparsity", recipe.sparsity, reg)]
     k = recipe.prune.iterations
     between = recipe.finetune.model_copy(update={"epochs": recipe.prune.epochs_between})
     for j in range(1, k + 1):
-        phases.append(Phase("prune", iteration=j))
+        if prune:
+            phases.append(Phase("prune", iteration=j))
         if j < k:
-            phases.append(Phase("between", between))
+            phases.append(Phase("between", between, reg))
     phases.append(Phase("finetune", recipe.finetune))
     return phases
 
@@ -351,15 +399,22 @@ def train_and_prune(ctx: Context, dense: nn.Module, macs_dense: float, spec: dic
     ``checkpoints`` every epoch and pruning step ends with a checkpoint, and a checkpoint already there
     (written by the same run) is where the cell continues: earlier phases are skipped, the model, the
     optimizer and the RNG states are restored, so the rest runs exactly as it would have.
+
+    A regularized method's sparsity-stage epochs carry the diagnostics of :mod:`prunebench.sparsity` in
+    ``stats.diagnostics`` (and its last epoch the norms record in ``stats.norms``). ``spec`` =
+    :data:`CONTROL` trains the dense control: the same stages and data, no method, no cut.
     """
-    recipe, where = ctx.recipe, f"{method_label(spec)} s{seed} t{target}"
-    method = build_method(spec)
-    phases = cell_phases(recipe, method)
+    control = spec == CONTROL
+    recipe = ctx.recipe
+    where = f"{CONTROL_LABEL} s{seed}" if control else f"{method_label(spec)} s{seed} t{target}"
+    method = PruningMethod() if control else build_method(spec)
+    phases = cell_phases(recipe, method, prune=not control)
     seed_everything(seed)
     start = _resume_point(ctx, checkpoints, phases)
     if start is not None:
         ctx.say(f"  {where}: resuming from its {start.describe()}")
-    model, calib = _cell_setup(ctx, dense, method, seed, start, checkpoints)
+    model, calib, widths = _cell_setup(ctx, dense, method, seed, start, checkpoints)
+    steps = steps_per_epoch(ctx.data.split_sizes()["train"], recipe.data.batch_size)
 
     step = 0
     stages: dict[str, list[int]] = {}
@@ -367,7 +422,7 @@ def train_and_prune(ctx: Context, dense: nn.Module, macs_dense: float, spec: dic
         done_before = start is not None and i <= start.phase
         if phase.sched is None:  # a pruning step
             if not done_before:
-                _prune_step(ctx, model, method, phase.iteration, target, macs_dense, calib, where)
+                _prune_step(ctx, model, method, phase.iteration, target, macs_dense, calib, where, widths)
                 if checkpoints is not None:
                     checkpoints.save(model, i, phase.stage, -1, step)
             continue
@@ -383,9 +438,19 @@ def train_and_prune(ctx: Context, dense: nn.Module, macs_dense: float, spec: dic
             begin = start.epoch + 1
             optimizer = make_optimizer(model, phase.sched)
             optimizer.load_state_dict(start.optimizer)  # momentum buffers: the next step is the one it would have been
+        monitor = None
+        if phase.stage == "sparsity" and phase.with_method and phase.sched.epochs:
+            # the figures are relative to the start of the stage: the dense model, also when resuming
+            monitor = (SparsityMonitor.start_of_stage(method, phase.sched, steps) if not done_before
+                       else _dense_monitor(ctx, dense, spec, method, phase.sched, steps))
 
         def epoch_end(stats: EpochStats, opt: torch.optim.Optimizer, i: int = i, stage: str = phase.stage,
-                      first: int = first) -> None:
+                      first: int = first, monitor: SparsityMonitor | None = monitor,
+                      last: int = phase.sched.epochs - 1) -> None:
+            if monitor is not None:
+                stats.diagnostics.update(monitor.epoch_end(stats))
+                if stats.epoch == last:
+                    stats.norms = monitor.norms_record()
             with cache.signals_held():  # the epoch's metrics and its checkpoint go together
                 if on_epoch is not None:
                     on_epoch(stage, stats, first + stats.epoch)
@@ -398,10 +463,23 @@ def train_and_prune(ctx: Context, dense: nn.Module, macs_dense: float, spec: dic
     return model, stages
 
 
+def _dense_monitor(ctx: Context, dense: nn.Module, spec: dict[str, Any], method: PruningMethod, sched: Schedule,
+                   steps: int) -> SparsityMonitor | None:
+    """A resumed cell's sparsity monitor: the start figures from the dense model, then watching ``method``."""
+    probe = build_method(spec)
+    _, groups = build_groups(dense, ctx.example, scope=ctx.recipe.prune.scope, ignored_layers=ctx.recipe.prune.ignored_layers)
+    probe.attach(dense, groups)
+    monitor = SparsityMonitor.start_of_stage(probe, sched, steps)
+    if monitor is not None:
+        monitor.method = method
+    return monitor
+
+
 def _cell_setup(ctx: Context, dense: nn.Module, method: PruningMethod, seed: int, start: TrainingCheckpoint | None,
-                checkpoints: CellCheckpoints | None) -> tuple[nn.Module, Calibration | None]:
+                checkpoints: CellCheckpoints | None) -> tuple[nn.Module, Calibration | None, dict[str, int]]:
     """The cell's model -- a copy of ``dense``, or rebuilt from the checkpoint ``start`` -- with ``method``
-    attached to its groups, and the calibration images of a uniform (ThiNet-like) method.
+    attached to its groups, the calibration images of a uniform (ThiNet-like) method, and the dense width
+    of every prunable group (``max_layer_ratio`` is a fraction of it at every pruning step).
 
     When resuming, the checkpointed weights, buffers and RNG states are put back *after* the tracing
     and set-up, so nothing those do can make the rest of the cell differ from an uninterrupted one.
@@ -413,8 +491,12 @@ def _cell_setup(ctx: Context, dense: nn.Module, method: PruningMethod, seed: int
         assert checkpoints is not None
         model = prepare_model(start.load_model(checkpoints.path, ctx.new_model()), ctx.device, recipe.train)
     snapshot = {k: v.clone() for k, v in model.state_dict().items()} if start is not None else None
-    _, groups = build_groups(model, ctx.example, scope=recipe.prune.scope, ignored_layers=recipe.prune.ignored_layers)
+    prune = recipe.prune
+    _, groups = build_groups(model, ctx.example, scope=prune.scope, ignored_layers=prune.ignored_layers)
     method.attach(model, groups)
+    dense_groups = groups if start is None else build_groups(dense, ctx.example, scope=prune.scope,
+                                                             ignored_layers=prune.ignored_layers)[1]
+    widths = {g.name: g.size for g in dense_groups}
     calib = None
     if method.uniform:
         g = torch.Generator().manual_seed(seed)
@@ -423,30 +505,39 @@ def _cell_setup(ctx: Context, dense: nn.Module, method: PruningMethod, seed: int
     if start is not None and snapshot is not None:
         model.load_state_dict(snapshot)
         cache.set_rng_state(start.rng)  # type: ignore[arg-type]
-    return model, calib
+    return model, calib, widths
 
 
 def _prune_step(ctx: Context, model: nn.Module, method: PruningMethod, j: int, target: float, macs_dense: float,
-                calib: Calibration | None, where: str) -> None:
+                calib: Calibration | None, where: str, widths: dict[str, int]) -> None:
     """Pruning step ``j`` of ``k``: to ``target * j / k`` of the dense MACs (targets stay relative to dense)."""
     prune = ctx.recipe.prune
     k = prune.iterations
     result = prune_to_target(model, method, target * j / k, ctx.example, reference_macs=macs_dense, scope=prune.scope,
                              max_layer_ratio=prune.max_layer_ratio, ignored_layers=prune.ignored_layers, calib=calib,
-                             round_to=prune.round_to)
+                             round_to=prune.round_to, dense_widths=widths)
     ctx.say(f"  {where}: pruned step {j}/{k} -> {result.macs_reduction:.3f} fewer MACs ({result.seconds:.1f} s)")
 
 
 def _log_epoch(stage: str, stats: EpochStats, step: int) -> None:
     tracking.log_epoch({"train_loss": stats.train_loss, "train_penalty": stats.train_penalty,
-                        "train_top1": stats.train_top1, "val_top1": stats.val_top1, "lr": stats.lr}, step=step)
+                        "train_top1": stats.train_top1, "val_top1": stats.val_top1, "lr": stats.lr,
+                        **stats.diagnostics}, step=step)
+    if stats.norms is not None:
+        tracking.log_text(json.dumps(stats.norms), "sparsity_norms.json")
 
 
 def run_cell(ctx: Context, dense: nn.Module, dense_metrics: dict[str, Any], spec: dict[str, Any], seed: int,
              target: float, *, checkpoints: CellCheckpoints | None = None) -> dict[str, float]:
     """One cell inside its MLflow child run: train and prune, then measure and log everything."""
     recipe, label = ctx.recipe, method_label(spec)
-    model, stages = train_and_prune(ctx, dense, dense_metrics["macs_dense"], spec, seed, target, on_epoch=_log_epoch,
+    diagnostics: dict[str, float] = {}
+
+    def on_epoch(stage: str, stats: EpochStats, step: int) -> None:
+        _log_epoch(stage, stats, step)
+        diagnostics.update(stats.diagnostics)
+
+    model, stages = train_and_prune(ctx, dense, dense_metrics["macs_dense"], spec, seed, target, on_epoch=on_epoch,
                                     checkpoints=checkpoints)
     tracking.set_tags({tracking.STAGES_TAG: json.dumps(stages)})
 
@@ -488,6 +579,29 @@ def run_cell(ctx: Context, dense: nn.Module, dense_metrics: dict[str, Any], spec
     out = cache.workdir(recipe) / "pruned" / run_folder / re.sub(r"[^\w.=-]+", "_", f"{label}-s{seed}-t{target}.pt")
     cache.atomic_save(pruned_payload(model), out)
     tracking.log_file(out, "model")
+    return {**diagnostics, **{k: v for k, v in metrics.items() if v is not None}}
+
+
+def run_control(ctx: Context, dense: nn.Module, dense_metrics: dict[str, Any], seed: int, *,
+                checkpoints: CellCheckpoints | None = None) -> dict[str, float]:
+    """The dense control of ``seed`` inside its MLflow child run: the dense model trained on, unpruned, for the
+    cells' stages (same schedules, same data order), so that "vs dense (same epochs)" separates what the
+    method did from what the extra epochs did."""
+    model, stages = train_and_prune(ctx, dense, dense_metrics["macs_dense"], CONTROL, seed, 0.0, on_epoch=_log_epoch,
+                                    checkpoints=checkpoints)
+    tracking.set_tags({tracking.STAGES_TAG: json.dumps(stages)})
+    metrics = {
+        "test_top1": evaluate(model, ctx.data.eval_batches("test"), ctx.recipe.train),
+        "val_top1": ctx.val_fn(model),
+        "dense_test_top1": dense_metrics["dense_test_top1"],
+        "macs": dense_metrics["macs_dense"],
+        "macs_dense": dense_metrics["macs_dense"],
+        "macs_reduction": 0.0,
+        "params": dense_metrics["params_dense"],
+        "params_dense": dense_metrics["params_dense"],
+    }
+    last_step = max((end for _, end in stages.values()), default=1) - 1
+    tracking.log_final(metrics, step=last_step)
     return {k: v for k, v in metrics.items() if v is not None}
 
 
@@ -522,19 +636,30 @@ def _cell_params(recipe: Recipe, spec: dict[str, Any], seed: int, target: float)
             "iterations": recipe.prune.iterations, **{f"method.{k}": v for k, v in spec.items() if k != "name"}}
 
 
+def _control_params(recipe: Recipe, seed: int) -> dict[str, Any]:
+    return {"method": CONTROL["name"], "method_label": CONTROL_LABEL, "seed": seed, "model": recipe.model.name,
+            "dataset": recipe.data.name}
+
+
 def _run_isolated(ctx: Context, start: _DenseStart, spec: dict[str, Any], seed: int, target: float, key: str,
                   earlier: Any | None) -> CellResult:
-    """One cell in its own MLflow run (reopened when ``earlier`` is an unfinished attempt); an exception
-    marks it FAILED and is returned, not raised, so the grid goes on. Interrupts propagate."""
-    recipe, label = ctx.recipe, method_label(spec)
+    """One cell (or, for :data:`CONTROL`, a seed's dense control) in its own MLflow run (reopened when
+    ``earlier`` is an unfinished attempt); an exception marks it FAILED and is returned, not raised, so the
+    grid goes on. Interrupts propagate."""
+    recipe = ctx.recipe
+    control = spec == CONTROL
+    label = CONTROL_LABEL if control else method_label(spec)
     cell = CellResult(label, seed, target, earlier.info.run_id if earlier is not None else "")
     checkpoints: CellCheckpoints | None = None
+    params = _control_params(recipe, seed) if control else _cell_params(recipe, spec, seed, target)
+    name = f"dense_control-s{seed}" if control else f"{label}-s{seed}-t{target}"
     try:
-        with tracking.cell_run(f"{label}-s{seed}-t{target}", _cell_params(recipe, spec, seed, target), recipe.name,
-                               cell_key=key, run_id=cell.run_id or None) as run:
+        with tracking.cell_run(name, params, recipe.name, cell_key=key, run_id=cell.run_id or None,
+                               kind="control" if control else "cell") as run:
             cell.run_id = run.info.run_id
             checkpoints = CellCheckpoints(cache.cell_checkpoint_path(recipe, cell.run_id), key, cell.run_id)
-            cell.metrics = run_cell(ctx, start.model, start.metrics, spec, seed, target, checkpoints=checkpoints)
+            cell.metrics = (run_control(ctx, start.model, start.metrics, seed, checkpoints=checkpoints) if control
+                            else run_cell(ctx, start.model, start.metrics, spec, seed, target, checkpoints=checkpoints))
     except Exception as exc:  # isolate the failure (cell_run marked the run FAILED with the traceback)
         cell.status, cell.error = "FAILED", f"{type(exc).__name__}: {exc}"
         ctx.say(f"  {label} s{seed} t{target}: FAILED ({cell.error})")
@@ -551,6 +676,7 @@ def run_recipe(recipe: Recipe, *, quiet: bool = False, resume: bool = False) -> 
     """
     ctx = Context(recipe, quiet, resume=resume)  # a missing dataset fails here ...
     preflight(ctx)  # ... a bad model, dense checkpoint or workdir here ...
+    check_regularizers(ctx)  # ... a regularizer that cannot act here (a warning, or an error on request) ...
     uri = tracking.connect(recipe.tracking.uri, recipe.experiment)  # ... an unreachable store here: no run yet
     for name, why in broken_methods().items():
         if any(spec["name"] == name for spec in recipe.methods):
@@ -571,33 +697,40 @@ def run_recipe(recipe: Recipe, *, quiet: bool = False, resume: bool = False) -> 
             tracking.log_text(json.dumps({"device": str(ctx.device), **ctx.data.split_sizes()}), "data.json")
         for seed in recipe.seed_list:
             start: _DenseStart | None = None  # trained or loaded only if a cell of this seed still has to run
-            for spec in recipe.methods:
-                for target in recipe.prune.targets:
-                    key = cache.cell_key(rkey, spec, seed, target)
-                    old = earlier.get(key)
-                    if old is not None and old.info.status == "FINISHED":
-                        results.append(CellResult(method_label(spec), seed, target, old.info.run_id,
-                                                  metrics=dict(old.data.metrics), skipped=True))
-                        ctx.say(f"  {method_label(spec)} s{seed} t{target}: finished earlier (run {old.info.run_id})")
-                        continue
-                    start = start or _dense_start(ctx, seed)
-                    results.append(_run_isolated(ctx, start, spec, seed, target, key, old))
+            control = [(CONTROL, 0.0)] if recipe.dense_control else []
+            for spec, target in [*control, *((m, t) for m in recipe.methods for t in recipe.prune.targets)]:
+                key = cache.cell_key(rkey, spec, seed, target)
+                old = earlier.get(key)
+                if old is not None and old.info.status == "FINISHED":
+                    label = CONTROL_LABEL if spec == CONTROL else method_label(spec)
+                    results.append(CellResult(label, seed, target, old.info.run_id,
+                                              metrics=dict(old.data.metrics), skipped=True))
+                    ctx.say(f"  {label} s{seed} t{target}: finished earlier (run {old.info.run_id})")
+                    continue
+                start = start or _dense_start(ctx, seed)
+                results.append(_run_isolated(ctx, start, spec, seed, target, key, old))
         summary = RunSummary(parent.info.run_id, recipe.experiment, uri, results)
     return summary
 
 
 def format_summary(summary: RunSummary) -> str:
     """The closing table of ``prunebench run`` (one line per cell)."""
-    head = f"{'method':<24} {'seed':>4} {'target':>6} {'top1':>7} {'dense':>7} {'MACs(M)':>9} {'red.':>6} {'params(M)':>9} {'speedup':>7}"
+    head = f"{'method':<24} {'seed':>4} {'target':>6} {'top1':>7} {'dense':>7} {'MACs(M)':>9} {'red.':>6} {'params(M)':>9} {'speedup':>7} {'zeroed':>6}"
     lines = [head, "-" * len(head)]
     for c in summary.cells:
         m = c.metrics
+        if c.status == "FINISHED" and c.method == CONTROL_LABEL:
+            lines.append(f"{c.method:<24} {c.seed:>4} {'-':>6} {100 * m['test_top1']:>6.2f}% "
+                         f"{100 * m['dense_test_top1']:>6.2f}% {m['macs'] / 1e6:>9.2f} {0:>6.3f} {m['params'] / 1e6:>9.3f}"
+                         + ("  (finished earlier)" if c.skipped else ""))
+            continue
         if c.status != "FINISHED":
             lines.append(f"{c.method:<24} {c.seed:>4} {c.target:>6.2f}  {c.status}: {c.error}")
             continue
         lines.append(
             f"{c.method:<24} {c.seed:>4} {c.target:>6.2f} {100 * m['test_top1']:>6.2f}% {100 * m['dense_test_top1']:>6.2f}% "
             f"{m['macs'] / 1e6:>9.2f} {m['macs_reduction']:>6.3f} {m['params'] / 1e6:>9.3f} {m['speedup']:>6.2f}x"
+            + (f" {m['sparsity_zero_frac']:>6.0%}" if "sparsity_zero_frac" in m else "")
             + ("  (finished earlier)" if c.skipped else "")
         )
     lines.append(f"\nMLflow: {summary.tracking_uri}  experiment {summary.experiment!r}  parent run {summary.parent_run_id}")

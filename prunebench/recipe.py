@@ -69,6 +69,14 @@ class Schedule(_Strict):
     label_smoothing: float = Field(0.0, ge=0, lt=1)
 
 
+class SparsityConfig(Schedule):
+    """The sparsity-training stage: the regularized methods' hooks run, the others train plainly."""
+
+    require_pull: bool = Field(
+        False, description="refuse (exit 2) a recipe whose regularized methods cannot act: sparsity_pull < 0.5 "
+        "before any training (otherwise a warning)")
+
+
 class DenseConfig(Schedule):
     """The dense start: trained once per seed (and cached), or loaded from ``checkpoint``."""
 
@@ -202,7 +210,10 @@ class TuneConfig(_Strict):
 
     spaces: dict[str, dict[str, SearchSpace]] = Field(
         default_factory=dict, description="method name -> parameter -> space; a method with `lambda` and no "
-        "space gets a log-uniform range from 1/100 to 100 times its default")
+        "space gets the log-uniform range where the trials' sparsity stage reaches tune.pull_range")
+    pull_range: tuple[float, float] = Field(
+        (0.5, 16.0), description="a lambda without a space is searched (log scale) between the values at which the "
+        "trials' sparsity stage reaches these sparsity_pull figures on the dense model")
     trials: int = Field(20, ge=1, description="trials each study should have in total (a rerun tops up)")
     timeout: float | None = Field(None, gt=0, description="seconds per method after which no new trial starts")
     objective: Literal["val_top1"] = Field("val_top1", description="validation top-1 of the pruned, fine-tuned model")
@@ -232,16 +243,26 @@ class Recipe(_Strict):
     data: DataConfig
     model: ModelConfig
     dense: DenseConfig = Field(default_factory=DenseConfig)
-    sparsity: Schedule = Field(default_factory=lambda: Schedule(epochs=0))
+    sparsity: SparsityConfig = Field(default_factory=lambda: SparsityConfig(epochs=0))
     methods: list[dict[str, Any]] = Field(min_length=1)
     prune: PruneConfig = Field(default_factory=PruneConfig)
     finetune: Schedule = Field(default_factory=lambda: Schedule(epochs=0, lr=0.01))
     seeds: int | list[int] = Field(1, description="a count (0..n-1) or an explicit list")
+    dense_control: bool = Field(
+        True, description="per seed, also train the dense model unpruned for the same extra stages (sparsity "
+        "length, fine-tuning): the 'dense (same epochs)' row of compare")
     tracking: TrackingConfig = Field(default_factory=TrackingConfig)
     train: TrainOptions = Field(default_factory=TrainOptions)
     measure: MeasureConfig = Field(default_factory=MeasureConfig)
     workdir: str = Field(".prunebench", description="dense cache and checkpoints")
     tune: TuneConfig | None = Field(None, description="search spaces and study settings for `prunebench tune`")
+
+    @field_validator("tune")
+    @classmethod
+    def _pull_range_ok(cls, v: TuneConfig | None) -> TuneConfig | None:
+        if v is not None and not 0 < v.pull_range[0] < v.pull_range[1]:
+            raise ValueError(f"tune.pull_range {list(v.pull_range)} must be two increasing positive numbers, e.g. [0.5, 16]")
+        return v
 
     @field_validator("seeds")
     @classmethod

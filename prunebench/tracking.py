@@ -1,4 +1,4 @@
-"""MLflow tracking with the names in design.md (other tools, e.g. ``prunebench compare``, read them).
+"""MLflow tracking with the names in docs/design.md (other tools, e.g. ``prunebench compare``, read them).
 
 * Experiment: the recipe's ``name`` (or ``tracking.experiment``).
 * One parent run per ``prunebench run`` (tag ``prunebench.kind=parent``), one nested child run per cell
@@ -11,7 +11,7 @@
 * Artifacts: ``recipe.yaml``, ``layers.csv``, ``model/pruned.pt``.
 
 Default tracking URI: ``$MLFLOW_TRACKING_URI``, else a SQLite file ``mlflow.db`` in the working directory.
-Only rank 0 of a distributed job may call into this module (see design.md "Scale-out").
+Only rank 0 of a distributed job may call into this module (see docs/design.md "Scale-out").
 
 Reliability: every call retries with backoff when SQLite reports "database is locked" (several
 ``prunebench run`` processes may share one store); runs end FINISHED, FAILED (error tags and a
@@ -263,8 +263,9 @@ def parent_run(recipe_name: str, run_name: str, recipe_yaml: str, *, recipe_key:
 
 @contextmanager
 def cell_run(run_name: str, params: Mapping[str, Any], recipe_name: str, *, cell_key: str = "",
-             run_id: str | None = None) -> Iterator[Any]:
-    """A nested child run for one (method, seed, target) cell; ``run_id`` reopens an unfinished one.
+             run_id: str | None = None, kind: str = "cell") -> Iterator[Any]:
+    """A nested child run for one (method, seed, target) cell -- or, with ``kind="control"``, for a seed's
+    dense control -- ``run_id`` reopens an unfinished one.
 
     Exceptions mark it FAILED (KILLED for an interrupt) and propagate.
     """
@@ -272,7 +273,7 @@ def cell_run(run_name: str, params: Mapping[str, Any], recipe_name: str, *, cell
 
     with _run(run_id, True, run_name) as run:
         if run_id is None:
-            set_tags({KIND_TAG: "cell", RECIPE_TAG: recipe_name, CELL_KEY_TAG: cell_key})
+            set_tags({KIND_TAG: kind, RECIPE_TAG: recipe_name, CELL_KEY_TAG: cell_key})
             retry(mlflow.log_params, {k: _param(v) for k, v in params.items()})
         else:  # a retried cell: the previous attempt's error no longer applies
             client = mlflow.MlflowClient()

@@ -17,7 +17,7 @@ import math
 import random
 import time
 from collections.abc import Callable, Iterable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 import numpy as np
@@ -44,6 +44,8 @@ class EpochStats:
     lr: float
     images_per_s: float
     val_top1: float | None = None
+    diagnostics: dict[str, float] = field(default_factory=dict)  # e.g. the sparsity stage's (prunebench.sparsity)
+    norms: dict[str, list[float]] | None = None  # the sparsity stage's last epoch: its sorted-norms record
 
 
 def resolve_device(spec: str = "auto") -> torch.device:

@@ -60,7 +60,6 @@ from prunebench.recipe import (
     resolve_plugin_path,
 )
 
-DEFAULT_SPREAD = 100.0  # a `lambda` without a space is searched from default/100 to default*100 (log scale)
 
 
 def trial_kind(trial: Any) -> str:
@@ -88,6 +87,7 @@ class TuneTask:
     fixed: dict[str, Any]
     spaces: dict[str, SearchSpace]
     study: str
+    derived: tuple[str, ...] = ()  # parameters whose space comes from the schedule (:meth:`Tuner.derive_spaces`)
 
     @property
     def label(self) -> str:
@@ -99,7 +99,8 @@ class TuneTask:
 
 
 def default_spaces(name: str) -> dict[str, SearchSpace]:
-    """A log-uniform range around the method's default ``lambda``, when it has one (else nothing)."""
+    """A provisional log-uniform ``lambda`` range around the method's default, when it has one (else nothing);
+    :meth:`Tuner.derive_spaces` replaces it by the range the trials' schedule calls for."""
     from prunebench.registry import get_method
 
     spaces = {}
@@ -107,7 +108,7 @@ def default_spaces(name: str) -> dict[str, SearchSpace]:
         pname = f.alias or key
         if pname == "lambda" and isinstance(f.default, (int, float)) and f.default > 0:
             d = float(f.default)
-            spaces[pname] = SearchSpace(low=d / DEFAULT_SPREAD, high=d * DEFAULT_SPREAD, log=True)
+            spaces[pname] = SearchSpace(low=d / 10, high=d * 10, log=True)
     return spaces
 
 
@@ -148,11 +149,13 @@ def plan_tasks(recipe: Recipe, cfg: TuneConfig, methods: list[str] | None, study
         if not spaces:
             say(f"{method_label(entry)}: nothing to tune (no search space and no lambda); skipped")
             continue
+        explicit = {k for k, v in entry.items() if is_search_space(v)} | set(cfg.spaces.get(name, {}))
+        derived = tuple(k for k in default_spaces(name) if k not in explicit)
         base = {"name": name, **fixed, **{k: s.ends[0] for k, s in spaces.items()}}
         for key, space in spaces.items():  # every end of every range must be a valid parameter value
             for value in space.ends:
                 build_method({**base, key: value}, where=f"{src}: tune.spaces.{name}")
-        tasks.append(TuneTask(i, name, fixed, spaces, ""))
+        tasks.append(TuneTask(i, name, fixed, spaces, "", derived))
     if not tasks:
         raise UserError(f"{src}: nothing to tune: no method in {', '.join(methods or names)} has a search space or a "
                         "lambda; add tune.spaces.<method>.<param>: {low: ..., high: ..., log: true}")
@@ -405,6 +408,31 @@ class Tuner:
         self.total_epochs = r.sparsity.epochs + (r.prune.iterations - 1) * r.prune.epochs_between + r.finetune.epochs
         self.warmup = cfg.pruner_warmup_epochs if cfg.pruner_warmup_epochs is not None else r.sparsity.epochs
         self.worker = f"{socket.gethostname()}:{os.getpid()}"
+
+    def derive_spaces(self, tasks: list[TuneTask]) -> None:
+        """Replace each derived ``lambda`` space by the range where the trials' sparsity stage reaches
+        ``tune.pull_range`` (default: ``sparsity_pull`` 0.5 to 16) on the dense model the trials start from:
+        from where the regularizer starts to act up to well past zeroing the median group. A range reaching
+        down to inert values would let the tuner pick a lambda that ranks like lambda = 0."""
+        from prunebench.groups import build_groups
+        from prunebench.registry import build_method
+        from prunebench.sparsity import lambda_for_pull, steps_per_epoch
+
+        todo = [t for t in tasks if "lambda" in t.derived]
+        if not todo:
+            return
+        r = self.trecipe
+        _, groups = build_groups(self.dense, self.ctx.example, scope=r.prune.scope,
+                                 ignored_layers=r.prune.ignored_layers)
+        steps = steps_per_epoch(self.ctx.data.split_sizes()["train"], r.data.batch_size)
+        for t in todo:
+            unit = build_method({**t.spec({}), "lambda": 1.0})
+            unit.attach(self.dense, groups)
+            ends = [lambda_for_pull(unit, r.sparsity, steps, p) for p in self.cfg.pull_range]
+            if ends[0] is None or ends[1] is None:
+                raise UserError(f"{t.label}: the trials' sparsity stage has no steps (tune.sparsity_epochs or "
+                                "sparsity.epochs is 0), so lambda cannot act; give the stage epochs")
+            t.spaces["lambda"] = SearchSpace(low=float(f"{ends[0]:.3g}"), high=float(f"{ends[1]:.3g}"), log=True)
 
     # -- one study ----------------------------------------------------------------------------------
     def load_study(self, task: TuneTask) -> Any:
@@ -795,6 +823,7 @@ def run(args: argparse.Namespace) -> int:
     try:
         with handle_signals():
             tuner = Tuner(recipe, cfg, storage, storage_url, quiet=args.quiet)
+            tuner.derive_spaces(tasks)
             results = [tuner.run_study(t, cfg.trials, cfg.timeout) for t in tasks]
     except Interrupted as exc:
         print(f"\nprunebench: stopped by {exc.signal_name}; finished trials are kept in {mask_url(storage_url)} "

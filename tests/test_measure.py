@@ -1,4 +1,4 @@
-"""MACs, parameters and latency (design.md "MACs and parameters")."""
+"""MACs, parameters and latency (docs/design.md "MACs and parameters")."""
 
 from __future__ import annotations
 

@@ -356,7 +356,7 @@ def test_growl_proximal_step_applies_the_owl_prox_to_group_norms(setup: Setup) -
 
 
 def test_a_zeroed_out_in_group_can_be_removed_without_changing_the_output(setup: Setup) -> None:
-    """design.md's invariant, reached through OICSR's proximal step (in eval and train mode)."""
+    """docs/design.md's invariant, reached through OICSR's proximal step (in eval and train mode)."""
     model, groups = setup
     _shrink_channels(model, [1], 1e-3)
     attached("oicsr", model, groups, **{"lambda": 0.5}, mode="proximal").after_step(0.1)
