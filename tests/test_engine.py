@@ -1,9 +1,9 @@
 """The pruning engine: groups, global-greedy and uniform plans, the real cut, serialization.
 
 Every registered method is pruned on every model of the matrix (CIFAR models at 32x32, timm models
-at 64x64 with 10 classes): the MACs reduction must land within 0.02 of the target on all of them
-(measured: within 0.006 at 0.4), no group may be emptied or exceed its cap, and the pruned model must
-run forward and backward. Methods that select channels from calibration data get random images.
+at 64x64 with 10 classes): the MACs reduction must land in the matched-budget band [target, target +
+tolerance] on all of them (0.1 percentage point there; see tests/test_budget.py), no group may be
+emptied or exceed its cap, and the pruned model must run forward and backward. Methods that select channels from calibration data get random images.
 """
 
 from __future__ import annotations
@@ -80,7 +80,7 @@ def test_prune_to_target(method_name: str, model_name: str) -> None:
         model.eval()
     res = prune_to_target(model, method, TARGET, x, calib=calib, max_layer_ratio=0.8)
 
-    assert abs(res.macs_reduction - TARGET) <= TOL, res.macs_reduction
+    assert TARGET <= res.macs_reduction <= TARGET + res.tolerance, (res.macs_reduction, res.tolerance)
     assert res.macs_after < res.macs_before and res.params_after < params_before
     assert res.macs_conv_fc_after <= res.macs_after
     assert sum(res.removed.values()) > 0
@@ -304,17 +304,18 @@ def test_uniform_plan_uses_one_ratio_and_select() -> None:
     model, x = make("resnet56_cifar")
     kept = {n: m.weight.detach().clone() for n, m in model.named_modules() if n.endswith("conv1") and "layer" in n}
     res = prune_to_target(model, _FirstChannels(), 0.4, x, calib=calibration(model, x))
-    assert abs(res.macs_reduction - 0.4) <= TOL
+    assert 0.4 <= res.macs_reduction <= 0.4 + res.tolerance  # the matched-budget band (tests/test_budget.py)
     rows = {r["name"]: r for r in res.layers}
-    # one ratio for all groups, up to one channel: fractions spread at most one channel of the smallest
-    fractions = [n / rows[g]["out_before"] for g, n in res.removed.items()]
-    assert max(fractions) - min(fractions) <= 1 / 16 + 1e-9
+    # one ratio r for all groups, up to one channel: r * size - 1 <= n <= r * size + 1 for every group
+    sizes = {g: rows[g]["out_before"] for g in res.removed}
+    low = max((n - 1) / sizes[g] for g, n in res.removed.items())
+    assert low <= min((n + 1) / sizes[g] for g, n in res.removed.items())
     for name, w in kept.items():
         n = res.removed[name]
         assert torch.equal(dict(model.named_modules())[name].weight, w[n:])  # the first n went
     model2, _ = make("resnet56_cifar")
     res2 = prune_to_target(model2, _UniformL1(), 0.4, x)  # no select(): lowest scores
-    assert abs(res2.macs_reduction - 0.4) <= TOL
+    assert 0.4 <= res2.macs_reduction <= 0.4 + res2.tolerance
     with pytest.raises(UserError, match="calib"):
         prune_to_target(make("resnet20_cifar")[0], _FirstChannels(), 0.4, x)
 
@@ -344,7 +345,8 @@ def test_save_and_load_pruned(tmp_path, model_name: str, scope: str) -> None:
 @pytest.mark.parametrize("seed", range(6))
 def test_coarse_groups_do_not_overshoot(seed: int) -> None:
     """ResNet-8 has three internal groups and one 32x32-stage channel is ~2.4% of its MACs: the final
-    removals must still land within 0.01 of the target (random scores make the rank order arbitrary)."""
+    removals must still land within the matched-budget band, half its cheapest channel (~0.22%), of the
+    target (random scores make the rank order arbitrary)."""
     from prunebench.models import create_model
     from prunebench.recipe import ModelConfig
 
@@ -353,4 +355,5 @@ def test_coarse_groups_do_not_overshoot(seed: int) -> None:
     x = torch.zeros(1, 3, 32, 32)
     dense = count_macs(model, x).macs
     result = prune_to_target(model, available_methods()["random"](), 0.5, x, reference_macs=dense, scope="internal")
-    assert 0.5 <= result.macs_reduction <= 0.51
+    assert 0.5 <= result.macs_reduction <= 0.5 + result.tolerance
+    assert 0.001 < result.tolerance < 0.003
