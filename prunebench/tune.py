@@ -374,6 +374,7 @@ class StudyResult:
     best_value: float | None
     best_number: int | None
     run_id: str | None = None
+    best_zero_frac: float | None = None  # the best trial's sparsity_zero_frac (regularized methods)
 
     @property
     def n_trials(self) -> int:
@@ -527,8 +528,10 @@ class Tuner:
 
             def on_epoch(stage: str, stats: Any, step: int) -> None:
                 tracking.log_epoch({"train_loss": stats.train_loss, "train_penalty": stats.train_penalty,
-                                    "train_top1": stats.train_top1, "val_top1": stats.val_top1, "lr": stats.lr},
-                                   step=step)
+                                    "train_top1": stats.train_top1, "val_top1": stats.val_top1, "lr": stats.lr,
+                                    **stats.diagnostics}, step=step)
+                if "sparsity_zero_frac" in stats.diagnostics:  # shown in the study summary beside the value
+                    trial.set_user_attr("sparsity_zero_frac", stats.diagnostics["sparsity_zero_frac"])
                 trial.report(stats.val_top1, step)
                 if trial.should_prune():
                     raise optuna.TrialPruned(f"stopped by the {self.cfg.pruner} pruner after epoch {step + 1} "
@@ -611,6 +614,7 @@ def summarize_study(study: Any, result: StudyResult) -> None:
     best = best_trial(study)
     if best is not None:
         result.best_params, result.best_value, result.best_number = dict(best.params), best.value, best.number
+        result.best_zero_frac = best.user_attrs.get("sparsity_zero_frac")
 
 
 def best_trial(study: Any) -> Any | None:
@@ -718,13 +722,15 @@ def write_tuned(path: Path, data: dict[str, Any], source: Path, results: list[St
 def format_summary(results: list[StudyResult]) -> str:
     """The closing table: one line per study."""
     head = (f"{'method':<24} {'trials':>6} {'complete':>8} {'pruned':>6} {'(diverged)':>10} {'failed':>6} "
-            f"{'running':>7}  {'best':<20} {'val_top1':>8}")
+            f"{'running':>7}  {'best':<20} {'val_top1':>8} {'zeroed':>6}")
     lines = [head, "-" * len(head)]
     for r in results:
         c = r.counts
         best = f"{r.best_value:.4f}" if r.best_value is not None else "-"
+        zeroed = f"{r.best_zero_frac:.0%}" if r.best_zero_frac is not None else "-"
         lines.append(f"{r.task.label:<24} {r.n_trials:>6} {c['COMPLETE']:>8} {c['PRUNED']:>6} {r.diverged:>10} "
-                     f"{c['FAIL']:>6} {c['RUNNING'] + c['WAITING']:>7}  {_fmt_params(r.best_params):<20} {best:>8}")
+                     f"{c['FAIL']:>6} {c['RUNNING'] + c['WAITING']:>7}  {_fmt_params(r.best_params):<20} {best:>8} "
+                     f"{zeroed:>6}")
         if c["INTERRUPTED"]:
             lines.append(f"{'':<24} (+{c['INTERRUPTED']} interrupted, not counted: the next run replaces them)")
     return "\n".join(lines)

@@ -193,7 +193,7 @@ def test_never_pruned_layers() -> None:
         build_groups(model, x, scope="internal", ignored_layers=[f"layer{s}.{b}.conv1" for s in (1, 2, 3) for b in range(3)])
 
 
-# -- the design.md invariant -----------------------------------------------------------------------
+# -- the docs/design.md invariant -----------------------------------------------------------------------
 
 
 def _randomize_bn(model: nn.Module) -> None:
