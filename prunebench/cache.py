@@ -74,7 +74,9 @@ def dense_key(recipe: Recipe, seed: int) -> str:
 
 def recipe_key(recipe: Recipe) -> str:
     """Hash of the resolved recipe minus where it is logged: ``--resume`` reopens a parent run with this key."""
-    return _hash({"v": CHECKPOINT_VERSION, **recipe.model_dump(mode="json", exclude={"tracking"})})
+    # sparsity.require_pull only checks the recipe: turning it on must not orphan the runs --resume finds
+    return _hash({"v": CHECKPOINT_VERSION,
+                  **recipe.model_dump(mode="json", exclude={"tracking": True, "sparsity": {"require_pull"}})})
 
 
 def cell_key(recipe_hash: str, spec: dict[str, Any], seed: int, target: float) -> str:

@@ -74,10 +74,13 @@ def _run(args: argparse.Namespace) -> int:
         return exc.exit_code
     print(format_summary(summary))
     if summary.failed:
-        print(f"\n{len(summary.failed)} of {len(summary.cells)} cells failed (details: the run's prunebench.error "
-              "tag and traceback.txt):", file=sys.stderr)
+        cells = [c for c in summary.failed if not c.control]
+        controls = len(summary.failed) - len(cells)
+        print(f"\n{len(cells)} of {len(summary.grid)} cells failed"
+              + (f" and {controls} dense control run(s)" if controls else "")
+              + " (details: the run's prunebench.error tag and traceback.txt):", file=sys.stderr)
         for c in summary.failed:
-            print(f"  {c.method} seed {c.seed} target {c.target}: {c.error}", file=sys.stderr)
+            print(f"  {c.describe()}: {c.error}", file=sys.stderr)
         print(f"Retry them (finished cells are skipped) with:\n  {resume_command(args)}", file=sys.stderr)
         return 1
     return 0

@@ -74,6 +74,10 @@ class CellResult:
     metrics: dict[str, float] = field(default_factory=dict)
     error: str | None = None
     skipped: bool = False  # finished by an earlier invocation (``--resume``)
+    control: bool = False  # a seed's dense control, not a cell of the grid
+
+    def describe(self) -> str:
+        return f"{CONTROL_LABEL} seed {self.seed}" if self.control else f"{self.method} seed {self.seed} target {self.target}"
 
 
 @dataclass
@@ -85,7 +89,13 @@ class RunSummary:
 
     @property
     def failed(self) -> list[CellResult]:
+        """Cells and dense controls that did not finish."""
         return [c for c in self.cells if c.status != "FINISHED"]
+
+    @property
+    def grid(self) -> list[CellResult]:
+        """The cells of the grid (methods x seeds x targets), without the dense controls."""
+        return [c for c in self.cells if not c.control]
 
 
 # -- interruption ------------------------------------------------------------------------------------
@@ -202,7 +212,8 @@ def regularizer_pulls(ctx: Context, model: nn.Module | None = None) -> list[tupl
     """``sparsity_pull`` of every regularized method of the recipe over its sparsity stage, estimated before
     any training: on the cached dense model of the first seed when there is one, else at initialization."""
     recipe = ctx.recipe
-    specs = [s for s in recipe.methods if build_method(s).has_sparsity_training()]
+    broken = broken_methods()  # a plugin that failed to import fails its own cells, not the recipe
+    specs = [s for s in recipe.methods if s["name"] not in broken and build_method(s).has_sparsity_training()]
     if not specs:
         return []
     if model is None:
@@ -217,8 +228,13 @@ def regularizer_pulls(ctx: Context, model: nn.Module | None = None) -> list[tupl
     out = []
     for spec in specs:
         method = build_method(spec)
-        method.attach(model, groups)
-        pull = sparsity_pull(method, recipe.sparsity, steps)
+        try:
+            method.attach(model, groups)
+            pull = sparsity_pull(method, recipe.sparsity, steps)
+        except Exception as exc:  # a plugin's bug: its cells fail and say why, the others run
+            log.warning("warning: could not estimate sparsity_pull of %s (%s: %s)", method_label(spec),
+                        type(exc).__name__, exc)
+            continue
         if pull is not None:
             out.append((method_label(spec), pull))
     return out
@@ -649,7 +665,7 @@ def _run_isolated(ctx: Context, start: _DenseStart, spec: dict[str, Any], seed: 
     recipe = ctx.recipe
     control = spec == CONTROL
     label = CONTROL_LABEL if control else method_label(spec)
-    cell = CellResult(label, seed, target, earlier.info.run_id if earlier is not None else "")
+    cell = CellResult(label, seed, target, earlier.info.run_id if earlier is not None else "", control=control)
     checkpoints: CellCheckpoints | None = None
     params = _control_params(recipe, seed) if control else _cell_params(recipe, spec, seed, target)
     name = f"dense_control-s{seed}" if control else f"{label}-s{seed}-t{target}"
@@ -662,7 +678,7 @@ def _run_isolated(ctx: Context, start: _DenseStart, spec: dict[str, Any], seed: 
                             else run_cell(ctx, start.model, start.metrics, spec, seed, target, checkpoints=checkpoints))
     except Exception as exc:  # isolate the failure (cell_run marked the run FAILED with the traceback)
         cell.status, cell.error = "FAILED", f"{type(exc).__name__}: {exc}"
-        ctx.say(f"  {label} s{seed} t{target}: FAILED ({cell.error})")
+        ctx.say(f"  {cell.describe()}: FAILED ({cell.error})")
     else:
         checkpoints.clear()  # type: ignore[union-attr]
     return cell
@@ -703,8 +719,8 @@ def run_recipe(recipe: Recipe, *, quiet: bool = False, resume: bool = False) -> 
                 old = earlier.get(key)
                 if old is not None and old.info.status == "FINISHED":
                     label = CONTROL_LABEL if spec == CONTROL else method_label(spec)
-                    results.append(CellResult(label, seed, target, old.info.run_id,
-                                              metrics=dict(old.data.metrics), skipped=True))
+                    results.append(CellResult(label, seed, target, old.info.run_id, metrics=dict(old.data.metrics),
+                                              skipped=True, control=spec == CONTROL))
                     ctx.say(f"  {label} s{seed} t{target}: finished earlier (run {old.info.run_id})")
                     continue
                 start = start or _dense_start(ctx, seed)
@@ -719,7 +735,7 @@ def format_summary(summary: RunSummary) -> str:
     lines = [head, "-" * len(head)]
     for c in summary.cells:
         m = c.metrics
-        if c.status == "FINISHED" and c.method == CONTROL_LABEL:
+        if c.status == "FINISHED" and c.control:
             lines.append(f"{c.method:<24} {c.seed:>4} {'-':>6} {100 * m['test_top1']:>6.2f}% "
                          f"{100 * m['dense_test_top1']:>6.2f}% {m['macs'] / 1e6:>9.2f} {0:>6.3f} {m['params'] / 1e6:>9.3f}"
                          + ("  (finished earlier)" if c.skipped else ""))

@@ -230,6 +230,13 @@ class TuneConfig(_Strict):
         "trials are judged on the pruned model)")
     storage: str | None = Field(None, description="Optuna RDB URL (default: optuna.db beside the MLflow SQLite store)")
     study: str | None = Field(None, description="study name (default: <recipe name>-<method>)")
+    @field_validator("pull_range")
+    @classmethod
+    def _pull_range_ok(cls, v: tuple[float, float]) -> tuple[float, float]:
+        if not (0 < v[0] < v[1] < float("inf")):
+            raise ValueError(f"pull_range {list(v)} must be two increasing finite positive numbers, e.g. [0.5, 16]")
+        return v
+
     heartbeat_interval: int | None = Field(
         60, ge=1, description="seconds between a running trial's heartbeats; a trial silent for two intervals "
         "(its process died) is marked failed")
@@ -256,13 +263,6 @@ class Recipe(_Strict):
     measure: MeasureConfig = Field(default_factory=MeasureConfig)
     workdir: str = Field(".prunebench", description="dense cache and checkpoints")
     tune: TuneConfig | None = Field(None, description="search spaces and study settings for `prunebench tune`")
-
-    @field_validator("tune")
-    @classmethod
-    def _pull_range_ok(cls, v: TuneConfig | None) -> TuneConfig | None:
-        if v is not None and not 0 < v.pull_range[0] < v.pull_range[1]:
-            raise ValueError(f"tune.pull_range {list(v.pull_range)} must be two increasing positive numbers, e.g. [0.5, 16]")
-        return v
 
     @field_validator("seeds")
     @classmethod

@@ -25,6 +25,7 @@ from prunebench.errors import UserError, close_matches
 from prunebench.method import PruningMethod
 
 ENTRY_POINT_GROUP = "prunebench.methods"
+RESERVED_NAMES = {"dense_control": "the runs of each seed's dense control carry it as their method"}
 
 _METHODS: dict[str, type[PruningMethod]] = {}
 _BROKEN: dict[str, tuple[str, Exception]] = {}  # entry-point name -> (its value, the import error)
@@ -41,6 +42,8 @@ def register_method(name: str) -> Callable[[M], M]:
     """
     if not name or not name.replace("_", "").replace("-", "").isalnum():
         raise ValueError(f"method name {name!r} must be letters, digits, '_' or '-'")
+    if name in RESERVED_NAMES:
+        raise ValueError(f"method name {name!r} is reserved ({RESERVED_NAMES[name]}); choose another name")
 
     def deco(cls: M) -> M:
         if not (isinstance(cls, type) and issubclass(cls, PruningMethod)):

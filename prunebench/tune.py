@@ -159,6 +159,9 @@ def plan_tasks(recipe: Recipe, cfg: TuneConfig, methods: list[str] | None, study
     if not tasks:
         raise UserError(f"{src}: nothing to tune: no method in {', '.join(methods or names)} has a search space or a "
                         "lambda; add tune.spaces.<method>.<param>: {low: ..., high: ..., log: true}")
+    if any(t.derived for t in tasks) and trial_recipe(recipe, cfg).sparsity.epochs == 0:
+        raise UserError(f"{src}: the trials' sparsity stage has no epochs (sparsity.epochs or tune.sparsity_epochs "
+                        "is 0), so no lambda can act; give the stage epochs or write the lambda spaces yourself")
     _name_studies(tasks, study or cfg.study, recipe.name, unique=len({t.name for t in tasks}) == len(tasks))
     return tasks
 
@@ -427,13 +430,22 @@ class Tuner:
                                  ignored_layers=r.prune.ignored_layers)
         steps = steps_per_epoch(self.ctx.data.split_sizes()["train"], r.data.batch_size)
         for t in todo:
+            if set(t.spaces) - {"lambda"}:  # e.g. a searched mode changes the pull per lambda: no one range fits
+                print(f"{t.label}: lambda keeps the range {describe_space(t.spaces['lambda'])} (other parameters are "
+                      "searched too); give it a space to choose another", flush=True)
+                continue
             unit = build_method({**t.spec({}), "lambda": 1.0})
             unit.attach(self.dense, groups)
+            if not unit.regularized_norms():  # a plugin without the diagnostics: nothing to derive from
+                continue
             ends = [lambda_for_pull(unit, r.sparsity, steps, p) for p in self.cfg.pull_range]
             if ends[0] is None or ends[1] is None:
                 raise UserError(f"{t.label}: the trials' sparsity stage has no steps (tune.sparsity_epochs or "
                                 "sparsity.epochs is 0), so lambda cannot act; give the stage epochs")
-            t.spaces["lambda"] = SearchSpace(low=float(f"{ends[0]:.3g}"), high=float(f"{ends[1]:.3g}"), log=True)
+            space = SearchSpace(low=float(f"{ends[0]:.3g}"), high=float(f"{ends[1]:.3g}"), log=True)
+            for value in space.ends:  # the method's own bounds on lambda still apply
+                build_method(t.spec({"lambda": value}), where=f"tune: the lambda range derived for {t.label}")
+            t.spaces["lambda"] = space
 
     # -- one study ----------------------------------------------------------------------------------
     def load_study(self, task: TuneTask) -> Any:

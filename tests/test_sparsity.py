@@ -233,3 +233,78 @@ def test_control_is_optional(write_recipe, tiny_recipe) -> None:
     runs = mlflow.MlflowClient().search_runs([exp.experiment_id])
     assert not [r for r in runs if r.data.tags.get("prunebench.kind") == "control"]
     assert CONTROL["name"] == "dense_control"
+
+
+# -- the shipped quickstart: its lambdas act ---------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def quickstart_dense(tmp_path_factory):
+    """The quickstart's dense model of seed 0 (8 epochs on digits, ~15 s), trained once for this module."""
+    import os
+
+    from prunebench.pipeline import Context, dense_model
+    from prunebench.recipe import load_recipe
+
+    from conftest import ROOT
+
+    here = os.getcwd()
+    os.chdir(tmp_path_factory.mktemp("quickstart"))
+    try:
+        recipe = load_recipe(ROOT / "recipes" / "quickstart.yaml", ["seeds=[0]"])
+        ctx = Context(recipe, quiet=True)
+        yield ctx, dense_model(ctx, 0)
+    finally:
+        os.chdir(here)
+
+
+def _plan_after_sparsity(ctx, dense, spec: dict):
+    import copy
+
+    from prunebench.engine import MacsCostModel, plan_global, score_groups
+    from prunebench.measure import count_macs
+    from prunebench.train import seed_everything
+
+    recipe = ctx.recipe
+    seed_everything(0)
+    model = copy.deepcopy(dense)
+    _, groups = build_groups(model, ctx.example, scope=recipe.prune.scope)
+    method = build_method(spec)
+    method.attach(model, groups)
+    steps = steps_per_epoch(ctx.data.split_sizes()["train"], recipe.data.batch_size)
+    monitor = SparsityMonitor.start_of_stage(method, recipe.sparsity, steps)
+    train(model, ctx.batches_for(0, "sparsity"), recipe.sparsity, method=method, opts=recipe.train, quiet=True)
+    report = count_macs(model, ctx.example)
+    plan = plan_global(groups, score_groups(method, groups), MacsCostModel(model, groups, report),
+                       report.macs * (1 - recipe.prune.targets[0]), max_layer_ratio=recipe.prune.max_layer_ratio)
+    return [sorted(p.tolist()) for p in plan], monitor.zero_frac()
+
+
+@pytest.mark.parametrize("name", REGULARIZED)
+def test_shipped_quickstart_lambdas_change_the_plan_and_zero_channels(quickstart_dense, name: str) -> None:
+    """At the quickstart's lambda each regularized method prunes other channels than at lambda = 0 (where it
+    would be its importance score on a plainly trained network) and drives channels to zero."""
+    ctx, dense = quickstart_dense
+    spec = next(m for m in ctx.recipe.methods if m["name"] == name)
+    assert spec.get("lambda", 0) > 0, f"the quickstart must carry a tuned lambda for {name}"
+    shipped, zeroed = _plan_after_sparsity(ctx, dense, spec)
+    inert, zeroed_at_0 = _plan_after_sparsity(ctx, dense, {**spec, "lambda": 0.0})
+    assert shipped != inert
+    assert zeroed > zeroed_at_0 and zeroed >= 0.2, (zeroed, zeroed_at_0)
+
+
+def test_checks_do_not_change_identity_and_the_control_name_is_reserved(tiny_recipe) -> None:
+    from prunebench import cache
+    from prunebench.method import PruningMethod
+    from prunebench.recipe import TuneConfig
+    from prunebench.registry import register_method
+
+    a = Recipe.model_validate(tiny_recipe)
+    tiny_recipe["sparsity"]["require_pull"] = True
+    b = Recipe.model_validate(tiny_recipe)
+    assert cache.recipe_key(a) == cache.recipe_key(b)  # turning the check on keeps --resume finding the runs
+    with pytest.raises(ValueError, match="reserved"):
+        register_method("dense_control")(type("Fake", (PruningMethod,), {}))
+    for bad in ([16, 0.5], [0, 1], [1, float("inf")]):
+        with pytest.raises(ValueError, match="pull_range"):
+            TuneConfig(pull_range=bad)
