@@ -40,6 +40,7 @@ RESUME_RECIPE: dict = {
     "finetune": {"epochs": 2, "lr": 0.01},
     "seeds": [3],
     "measure": {"latency_batch": 4, "warmup": 0, "repeats": 1},
+    "dense_control": False,  # one cell to kill and resume (a control resumes through the same checkpoints)
 }
 NOT_COMPARED = {"latency_ms", "latency_ms_batch", "dense_latency_ms", "dense_latency_ms_batch", "speedup"}
 ENV = {**os.environ, "OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1", "PYTHONWARNINGS": "ignore",
