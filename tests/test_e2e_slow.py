@@ -30,14 +30,15 @@ def _cells(db: Path, experiment: str) -> list:
 def test_cifar10_subset_recipe_with_one_epoch_stages(tmp_path: Path) -> None:
     cmd = [sys.executable, "-m", "prunebench", "run", str(ROOT / "recipes" / "cifar10subset_resnet20.yaml"), "-q",
            "-o", f"data.root={CIFAR_SUBSET}", "-o", "dense.epochs=1", "-o", "sparsity.epochs=1",
-           "-o", "finetune.epochs=1", "-o", "seeds=1"]
+           "-o", "sparsity.require_pull=false", "-o", "finetune.epochs=1", "-o", "seeds=1"]
     proc = subprocess.run(cmd, cwd=tmp_path, capture_output=True, text=True, timeout=3000)
     assert proc.returncode == 0, proc.stderr[-3000:]
     cells = _cells(tmp_path / "mlflow.db", "cifar10subset_resnet20")
-    assert len(cells) == 6 * 2  # every method at both targets
+    assert len(cells) == 6  # every method at the recipe's target
+    assert "sparsity_pull" in proc.stderr  # the 1-epoch stage is too short for the tuned lambdas: warned
     for c in cells:
         assert c.info.status == "FINISHED"
-        assert abs(c.data.metrics["macs_reduction"] - float(c.data.params["target"])) <= 0.02
+        assert 0 <= c.data.metrics["macs_reduction"] - float(c.data.params["target"]) <= 0.001  # matched budget
 
 
 def test_quickstart_demo_and_report(tmp_path: Path) -> None:
@@ -51,5 +52,10 @@ def test_quickstart_demo_and_report(tmp_path: Path) -> None:
     assert cmp.returncode == 0, cmp.stderr[-3000:]
     table = json.loads((out / "table.json").read_text())
     assert table  # rows for the dense model and every method
-    for png in ("tradeoff.png", "layers.png"):
+    for png in ("tradeoff.png", "layers.png", "sparsity_norms.png"):
         assert (out / png).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    rows = {r["method_label"]: r for r in table["rows"]}
+    assert "dense (same epochs)" in rows
+    for name in ("oicsr", "group_lasso", "slimming"):  # the shipped lambdas act (make demo's done-when)
+        label = next(k for k in rows if k.split("(")[0] == name)
+        assert rows[label]["sparsity_zero_pct"] >= 20, rows[label]
