@@ -159,8 +159,8 @@ def test_registry_lists_the_methods_with_descriptions_and_citations() -> None:
 def test_params_validate_and_alias_lambda() -> None:
     m = make("oicsr", **{"lambda": 1e-3, "variant": "growl", "growl_min": 0.25, "mode": "proximal"})
     assert m.param_dict() == {"lambda": 1e-3, "mode": "proximal", "variant": "growl", "growl_min": 0.25}
-    assert make("slimming").param_dict()["lambda"] == 1e-5
-    assert make("group_lasso").param_dict() == {"lambda": 1e-4, "mode": "loss"}
+    assert make("slimming").param_dict()["lambda"] == 1e-3
+    assert make("group_lasso").param_dict() == {"lambda": 2e-3, "mode": "loss", "score": "group"}
     with pytest.raises(UserError, match="variant"):
         make("oicsr", variant="owl")
     with pytest.raises(UserError, match="growl_min"):
@@ -268,7 +268,10 @@ def test_oicsr_importance_is_the_group_energy_and_sees_the_consumer(setup: Setup
     s_oicsr, s_gl = oicsr.score(g), gl.score(g)
     torch.testing.assert_close(s_oicsr, hand_norms(model, "all") ** 2, rtol=1e-5, atol=1e-6)
     torch.testing.assert_close(s_oicsr, g.sq_norms("all").detach(), rtol=1e-5, atol=1e-6)
-    torch.testing.assert_close(s_gl, model.conv1.weight.detach().flatten(1).norm(dim=1), rtol=1e-5, atol=1e-6)
+    # group lasso scores the group it regularizes, [filter, gamma, beta]; score: filter is the filter-only ablation
+    torch.testing.assert_close(s_gl, hand_norms(model, "root"), rtol=1e-5, atol=1e-6)
+    filt = attached("group_lasso", model, groups, score="filter")
+    torch.testing.assert_close(filt.score(g), model.conv1.weight.detach().flatten(1).norm(dim=1), rtol=1e-5, atol=1e-6)
     assert s_oicsr.shape == s_gl.shape == (4,) and not s_oicsr.requires_grad
     with torch.no_grad():
         model.conv2.weight[:, 2] *= 3.0  # only the consumer's in-channel 2 changes
