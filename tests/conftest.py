@@ -55,3 +55,13 @@ def tiny_recipe() -> dict:
     import copy
 
     return copy.deepcopy(TINY_RECIPE)
+
+
+@pytest.fixture
+def one_thread():
+    """One torch thread and seed 0 for the test (engine and budget tests compare exact figures)."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    torch.manual_seed(0)
+    yield
+    torch.set_num_threads(threads)

@@ -33,18 +33,14 @@ from prunebench.measure import count_macs
 from prunebench.method import Calibration, PruningMethod
 from prunebench.registry import available_methods
 
-models = pytest.importorskip("prunebench.models")
+from prunebench import models
 
 X = torch.randn(1, 3, 32, 32)
 
 
 @pytest.fixture(autouse=True)
-def _one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    torch.manual_seed(0)
-    yield
-    torch.set_num_threads(threads)
+def _one_thread(one_thread):
+    """Every test here runs on one thread from a fixed seed (conftest.one_thread)."""
 
 
 def make(name: str) -> nn.Module:

@@ -32,12 +32,8 @@ TARGET = 0.4
 
 
 @pytest.fixture(autouse=True)
-def _one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    torch.manual_seed(0)
-    yield
-    torch.set_num_threads(threads)
+def _one_thread(one_thread):
+    """Every test here runs on one thread from a fixed seed (conftest.one_thread)."""
 
 
 def make(name: str) -> tuple[nn.Module, Tensor]:
