@@ -243,8 +243,9 @@ def regularizer_pulls(ctx: Context, model: nn.Module | None = None) -> list[tupl
 def check_regularizers(ctx: Context) -> None:
     """Warn about every regularized method that cannot act over the recipe's sparsity stage
     (``sparsity_pull`` < 0.5); with ``sparsity.require_pull`` refuse the recipe instead (exit 2)."""
-    problems = check_pulls(regularizer_pulls(ctx))
-    if problems and ctx.recipe.sparsity.require_pull:
+    refused = ctx.recipe.sparsity.require_pull
+    problems = check_pulls(regularizer_pulls(ctx), refused=refused)
+    if problems and refused:
         raise UserError("; ".join(problems))
     for p in problems:
         log.warning("warning: %s", p)
