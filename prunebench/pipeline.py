@@ -44,12 +44,12 @@ from prunebench.cache import TrainingCheckpoint
 from prunebench.data import DataModule, load_data
 from prunebench.engine import prune_to_target
 from prunebench.errors import UserError
-from prunebench.groups import build_groups
+from prunebench.groups import PrunableGroup, build_groups
 from prunebench.measure import count_macs, measure_latency
 from prunebench.method import Calibration, PruningMethod
 from prunebench.models import create_model
 from prunebench.recipe import Recipe, Schedule, dump_recipe, method_label
-from prunebench.registry import broken_methods, build_method
+from prunebench.registry import broken_methods, build_method, get_method
 from prunebench.serialize import pruned_payload
 from prunebench.sparsity import SparsityMonitor, check_pulls, sparsity_pull, steps_per_epoch
 from prunebench.train import (DivergedError, EpochStats, evaluate, make_optimizer, prepare_model, resolve_device,
@@ -166,6 +166,11 @@ class Context:
         if not self.quiet:
             print(msg, flush=True)
 
+    @property
+    def steps_per_epoch(self) -> int:
+        """Optimizer steps in one training epoch of this recipe's data."""
+        return steps_per_epoch(self.data.split_sizes()["train"], self.recipe.data.batch_size)
+
     def new_model(self) -> nn.Module:
         model = create_model(self.recipe.model, num_classes=self.data.num_classes, in_chans=self.data.in_chans)
         return prepare_model(model, self.device, self.recipe.train)
@@ -208,29 +213,28 @@ def preflight(ctx: Context) -> None:
     tracking.check_uri(ctx.recipe.tracking.uri)
 
 
-def regularizer_pulls(ctx: Context, model: nn.Module | None = None) -> list[tuple[str, float]]:
+def regularizer_pulls(ctx: Context) -> list[tuple[str, float]]:
     """``sparsity_pull`` of every regularized method of the recipe over its sparsity stage, estimated before
     any training: on the cached dense model of the first seed when there is one, else at initialization."""
     recipe = ctx.recipe
     broken = broken_methods()  # a plugin that failed to import fails its own cells, not the recipe
-    specs = [s for s in recipe.methods if s["name"] not in broken and build_method(s).has_sparsity_training()]
+    specs = [s for s in recipe.methods if s["name"] not in broken and get_method(s["name"]).has_sparsity_training()]
     if not specs:
         return []
-    if model is None:
-        seed_everything(recipe.seed_list[0])
-        model = ctx.new_model()
-        if recipe.dense.checkpoint:
-            load_user_checkpoint(recipe, model)
-        elif cache.dense_path(recipe, recipe.seed_list[0]).is_file():
-            model.load_state_dict(cache.safe_load(cache.dense_path(recipe, recipe.seed_list[0]))["state_dict"])
+    seed_everything(recipe.seed_list[0])
+    model = ctx.new_model()
+    cached = cache.dense_path(recipe, recipe.seed_list[0])
+    if recipe.dense.checkpoint:
+        load_user_checkpoint(recipe, model)
+    elif cached.is_file():
+        model.load_state_dict(cache.safe_load(cached)["state_dict"])
     _, groups = build_groups(model, ctx.example, scope=recipe.prune.scope, ignored_layers=recipe.prune.ignored_layers)
-    steps = steps_per_epoch(ctx.data.split_sizes()["train"], recipe.data.batch_size)
     out = []
     for spec in specs:
         method = build_method(spec)
         try:
             method.attach(model, groups)
-            pull = sparsity_pull(method, recipe.sparsity, steps)
+            pull = sparsity_pull(method, recipe.sparsity, ctx.steps_per_epoch)
         except Exception as exc:  # a plugin's bug: its cells fail and say why, the others run
             log.warning("warning: could not estimate sparsity_pull of %s (%s: %s)", method_label(spec),
                         type(exc).__name__, exc)
@@ -430,8 +434,9 @@ def train_and_prune(ctx: Context, dense: nn.Module, macs_dense: float, spec: dic
     start = _resume_point(ctx, checkpoints, phases)
     if start is not None:
         ctx.say(f"  {where}: resuming from its {start.describe()}")
-    model, calib, widths = _cell_setup(ctx, dense, method, seed, start, checkpoints)
-    steps = steps_per_epoch(ctx.data.split_sizes()["train"], recipe.data.batch_size)
+    model, calib, dense_groups = _cell_setup(ctx, dense, method, seed, start, checkpoints)
+    widths = {g.name: g.size for g in dense_groups}
+    steps = ctx.steps_per_epoch
 
     step = 0
     stages: dict[str, list[int]] = {}
@@ -459,7 +464,7 @@ def train_and_prune(ctx: Context, dense: nn.Module, macs_dense: float, spec: dic
         if phase.stage == "sparsity" and phase.with_method and phase.sched.epochs:
             # the figures are relative to the start of the stage: the dense model, also when resuming
             monitor = (SparsityMonitor.start_of_stage(method, phase.sched, steps) if not done_before
-                       else _dense_monitor(ctx, dense, spec, method, phase.sched, steps))
+                       else _dense_monitor(dense, dense_groups, spec, method, phase.sched, steps))
 
         def epoch_end(stats: EpochStats, opt: torch.optim.Optimizer, i: int = i, stage: str = phase.stage,
                       first: int = first, monitor: SparsityMonitor | None = monitor,
@@ -480,12 +485,11 @@ def train_and_prune(ctx: Context, dense: nn.Module, macs_dense: float, spec: dic
     return model, stages
 
 
-def _dense_monitor(ctx: Context, dense: nn.Module, spec: dict[str, Any], method: PruningMethod, sched: Schedule,
-                   steps: int) -> SparsityMonitor | None:
+def _dense_monitor(dense: nn.Module, dense_groups: list[PrunableGroup], spec: dict[str, Any], method: PruningMethod,
+                   sched: Schedule, steps: int) -> SparsityMonitor | None:
     """A resumed cell's sparsity monitor: the start figures from the dense model, then watching ``method``."""
     probe = build_method(spec)
-    _, groups = build_groups(dense, ctx.example, scope=ctx.recipe.prune.scope, ignored_layers=ctx.recipe.prune.ignored_layers)
-    probe.attach(dense, groups)
+    probe.attach(dense, dense_groups)
     monitor = SparsityMonitor.start_of_stage(probe, sched, steps)
     if monitor is not None:
         monitor.method = method
@@ -493,10 +497,10 @@ def _dense_monitor(ctx: Context, dense: nn.Module, spec: dict[str, Any], method:
 
 
 def _cell_setup(ctx: Context, dense: nn.Module, method: PruningMethod, seed: int, start: TrainingCheckpoint | None,
-                checkpoints: CellCheckpoints | None) -> tuple[nn.Module, Calibration | None, dict[str, int]]:
+                checkpoints: CellCheckpoints | None) -> tuple[nn.Module, Calibration | None, list[PrunableGroup]]:
     """The cell's model -- a copy of ``dense``, or rebuilt from the checkpoint ``start`` -- with ``method``
-    attached to its groups, the calibration images of a uniform (ThiNet-like) method, and the dense width
-    of every prunable group (``max_layer_ratio`` is a fraction of it at every pruning step).
+    attached to its groups, the calibration images of a uniform (ThiNet-like) method, and the prunable
+    groups of the dense model (their widths cap every pruning step; a resumed sparsity stage starts from them).
 
     When resuming, the checkpointed weights, buffers and RNG states are put back *after* the tracing
     and set-up, so nothing those do can make the rest of the cell differ from an uninterrupted one.
@@ -513,7 +517,6 @@ def _cell_setup(ctx: Context, dense: nn.Module, method: PruningMethod, seed: int
     method.attach(model, groups)
     dense_groups = groups if start is None else build_groups(dense, ctx.example, scope=prune.scope,
                                                              ignored_layers=prune.ignored_layers)[1]
-    widths = {g.name: g.size for g in dense_groups}
     calib = None
     if method.uniform:
         g = torch.Generator().manual_seed(seed)
@@ -522,7 +525,7 @@ def _cell_setup(ctx: Context, dense: nn.Module, method: PruningMethod, seed: int
     if start is not None and snapshot is not None:
         model.load_state_dict(snapshot)
         cache.set_rng_state(start.rng)  # type: ignore[arg-type]
-    return model, calib, widths
+    return model, calib, dense_groups
 
 
 def _prune_step(ctx: Context, model: nn.Module, method: PruningMethod, j: int, target: float, macs_dense: float,
@@ -653,6 +656,10 @@ def _cell_params(recipe: Recipe, spec: dict[str, Any], seed: int, target: float)
             "iterations": recipe.prune.iterations, **{f"method.{k}": v for k, v in spec.items() if k != "name"}}
 
 
+def _label(spec: dict[str, Any]) -> str:
+    return CONTROL_LABEL if spec == CONTROL else method_label(spec)
+
+
 def _control_params(recipe: Recipe, seed: int) -> dict[str, Any]:
     return {"method": CONTROL["name"], "method_label": CONTROL_LABEL, "seed": seed, "model": recipe.model.name,
             "dataset": recipe.data.name}
@@ -665,7 +672,7 @@ def _run_isolated(ctx: Context, start: _DenseStart, spec: dict[str, Any], seed: 
     grid goes on. Interrupts propagate."""
     recipe = ctx.recipe
     control = spec == CONTROL
-    label = CONTROL_LABEL if control else method_label(spec)
+    label = _label(spec)
     cell = CellResult(label, seed, target, earlier.info.run_id if earlier is not None else "", control=control)
     checkpoints: CellCheckpoints | None = None
     params = _control_params(recipe, seed) if control else _cell_params(recipe, spec, seed, target)
@@ -719,7 +726,7 @@ def run_recipe(recipe: Recipe, *, quiet: bool = False, resume: bool = False) -> 
                 key = cache.cell_key(rkey, spec, seed, target)
                 old = earlier.get(key)
                 if old is not None and old.info.status == "FINISHED":
-                    label = CONTROL_LABEL if spec == CONTROL else method_label(spec)
+                    label = _label(spec)
                     results.append(CellResult(label, seed, target, old.info.run_id, metrics=dict(old.data.metrics),
                                               skipped=True, control=spec == CONTROL))
                     ctx.say(f"  {label} s{seed} t{target}: finished earlier (run {old.info.run_id})")

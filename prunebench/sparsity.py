@@ -94,8 +94,7 @@ class SparsityMonitor:
         if not norms:
             return None
         medians = [max(_median(n), 1e-12) for n in norms]
-        pull = sparsity_pull(method, sched, steps)
-        assert pull is not None
+        pull = method.pull_per_lr(sched.momentum) * lr_sum(sched, steps) / max(_median(torch.cat(norms)), 1e-12)
         return cls(method, pull, medians, [n / m for n, m in zip(norms, medians)])
 
     def relative_norms(self) -> list[Tensor]:

@@ -420,7 +420,7 @@ class Tuner:
         down to inert values would let the tuner pick a lambda that ranks like lambda = 0."""
         from prunebench.groups import build_groups
         from prunebench.registry import build_method
-        from prunebench.sparsity import lambda_for_pull, steps_per_epoch
+        from prunebench.sparsity import lambda_for_pull
 
         todo = [t for t in tasks if "lambda" in t.derived]
         if not todo:
@@ -428,7 +428,7 @@ class Tuner:
         r = self.trecipe
         _, groups = build_groups(self.dense, self.ctx.example, scope=r.prune.scope,
                                  ignored_layers=r.prune.ignored_layers)
-        steps = steps_per_epoch(self.ctx.data.split_sizes()["train"], r.data.batch_size)
+        steps = self.ctx.steps_per_epoch
         for t in todo:
             if set(t.spaces) - {"lambda"}:  # e.g. a searched mode changes the pull per lambda: no one range fits
                 print(f"{t.label}: lambda keeps the range {describe_space(t.spaces['lambda'])} (other parameters are "
