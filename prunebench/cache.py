@@ -9,41 +9,33 @@
   :class:`TrainingCheckpoint`); removed once the cell is FINISHED.
 * ``pruned/`` -- the final pruned models.
 
-Every file is written atomically (temporary file, fsync, rename) with SIGINT/SIGTERM held back until
-the rename is done, so an interrupted run never leaves a torn file, and a SIGKILL leaves at worst a
-stray temporary file, never a half-written checkpoint under the real name. Everything is read with
-``torch.load(weights_only=True)``: nothing in a checkpoint can run code.
+Every file is written with :func:`prunebench.files.atomic_save` and read with
+:func:`prunebench.files.load_cached` (a corrupt cache entry is moved aside and recomputed).
 """
 
 from __future__ import annotations
 
 import hashlib
-import json
 import os
+import json
 import random
-import signal
 import tempfile
-import threading
-from collections.abc import Iterator
-from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import torch
-from filelock import FileLock
 from torch import nn
 
 from prunebench.errors import UserError
+from prunebench.files import atomic_save, load_cached
 from prunebench.recipe import Recipe
 from prunebench.serialize import load_pruned, pruned_payload
 from prunebench.train import resolve_device
 
 CACHE_VERSION = 2  # bump when the meaning of a cached dense checkpoint changes (2: init drawn after seeding)
 CHECKPOINT_VERSION = 1
-
-_HELD_SIGNALS = (signal.SIGINT, signal.SIGTERM)
 
 
 # -- keys --------------------------------------------------------------------------------------------
@@ -105,11 +97,6 @@ def cell_checkpoint_path(recipe: Recipe, run_id: str) -> Path:
     return workdir(recipe) / "checkpoints" / run_id / "last.pt"
 
 
-def lock_for(path: Path) -> FileLock:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    return FileLock(str(path) + ".lock")
-
-
 def check_writable(folder: Path, what: str = "workdir") -> None:
     """Fail now, with a :class:`UserError`, if files cannot be created under ``folder``.
 
@@ -127,58 +114,6 @@ def check_writable(folder: Path, what: str = "workdir") -> None:
     except OSError as exc:
         raise UserError(f"{what} {str(folder)!r} is not writable ({exc.strerror or exc}); set {what} to a "
                         "writable folder") from None
-
-
-# -- atomic writes -------------------------------------------------------------------------------------
-
-_holding = False  # a signals_held() block is open (main thread only)
-
-
-@contextmanager
-def signals_held() -> Iterator[None]:
-    """Hold SIGINT/SIGTERM back for the duration of the block, then deliver them.
-
-    Used around writes that must complete (a checkpoint, the metrics that go with it): the signal's
-    normal handler runs right after the block. Nested blocks are part of the outer one; outside the
-    main thread (where Python delivers no signals) it does nothing.
-    """
-    global _holding
-    if _holding or threading.current_thread() is not threading.main_thread():
-        yield
-        return
-    pending: list[int] = []
-    previous = {s: signal.signal(s, lambda signum, _frame: pending.append(signum)) for s in _HELD_SIGNALS}
-    _holding = True
-    try:
-        yield
-    finally:
-        _holding = False
-        for s, handler in previous.items():
-            signal.signal(s, handler if handler is not None else signal.SIG_DFL)
-        for s in dict.fromkeys(pending):
-            signal.raise_signal(s)
-
-
-def atomic_save(obj: Any, path: str | Path) -> None:
-    """``torch.save`` to a temporary file in the same folder, fsync, then rename over ``path``."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    with signals_held():
-        fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-        try:
-            with os.fdopen(fd, "wb") as f:
-                torch.save(obj, f)
-                f.flush()
-                os.fsync(f.fileno())
-            os.replace(tmp, path)
-        except BaseException:
-            Path(tmp).unlink(missing_ok=True)
-            raise
-
-
-def safe_load(path: str | Path) -> Any:
-    """Load a checkpoint without executing code from it."""
-    return torch.load(path, map_location="cpu", weights_only=True)
 
 
 # -- RNG state -----------------------------------------------------------------------------------------
@@ -245,10 +180,7 @@ class TrainingCheckpoint:
         """The checkpoint at ``path`` without its weights, or ``None`` when there is none (or an old one)."""
         if not path.is_file():
             return None
-        try:
-            payload = safe_load(path)
-        except Exception:  # unreadable (written by something else): start over rather than crash
-            return None
+        payload = load_cached(path)  # unreadable: moved aside, and the training starts over
         info = payload.get("checkpoint") if isinstance(payload, dict) else None
         if not isinstance(info, dict) or info.get("version") != CHECKPOINT_VERSION:
             return None

@@ -63,7 +63,8 @@ def _run(args: argparse.Namespace) -> int:
     if args.dry_run:
         print(dump_recipe(recipe), end="")
         return 0
-    from prunebench.pipeline import Interrupted, format_summary, handle_signals, run_recipe
+    from prunebench.commands.run import format_summary, run_recipe
+    from prunebench.signals import Interrupted, handle_signals
 
     try:
         with handle_signals():
@@ -134,9 +135,9 @@ def build_parser() -> argparse.ArgumentParser:
     _add_run(sub)
     for name in _MODULE_COMMANDS:
         try:
-            module = importlib.import_module(f"prunebench.{name}")
+            module = importlib.import_module(f"prunebench.commands.{name}.{name}")
         except ModuleNotFoundError as exc:
-            if exc.name != f"prunebench.{name}":
+            if exc.name != f"prunebench.commands.{name}.{name}":
                 raise
             continue
         module.add_parser(sub)
@@ -157,7 +158,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         if args.command in handlers:
             return handlers[args.command](args)
-        return importlib.import_module(f"prunebench.{args.command}").run(args)
+        return importlib.import_module(f"prunebench.commands.{args.command}.{args.command}").run(args)
     except UserError as exc:
         print(f"prunebench: error: {exc}", file=sys.stderr)
         return exc.exit_code

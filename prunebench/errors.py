@@ -17,6 +17,17 @@ class UserError(Exception):
     exit_code = 2
 
 
+class DivergedError(RuntimeError):
+    """The training loss became NaN or infinite (a cell or trial fails; a dense model's is a recipe problem)."""
+
+
+def one_line(exc: BaseException, limit: int = 200) -> str:
+    """The first line of ``exc``'s message (or its type name when empty), cut at ``limit`` characters:
+    how an error from a library is quoted inside a :class:`UserError` message or a log line."""
+    text = str(exc).strip()
+    return text.splitlines()[0][:limit] if text else type(exc).__name__
+
+
 def close_matches(name: str, known: Iterable[str], n: int = 3) -> str:
     """A ``did you mean ...?`` hint followed by the list of what exists (for unknown-name errors)."""
     known = sorted(known)

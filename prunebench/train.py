@@ -25,12 +25,9 @@ import torch
 from torch import Tensor, nn
 from tqdm.auto import tqdm
 
+from prunebench.errors import DivergedError
 from prunebench.method import PruningMethod
 from prunebench.recipe import Schedule, TrainOptions
-
-
-class DivergedError(RuntimeError):
-    """The training loss became NaN or infinite."""
 
 
 @dataclass

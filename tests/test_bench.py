@@ -11,7 +11,7 @@ from pathlib import Path
 
 import pytest
 
-from prunebench.bench import (
+from prunebench.commands.bench.bench import (
     TARGETS,
     check_targets,
     interleaved,

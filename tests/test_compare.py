@@ -24,7 +24,7 @@ import pandas as pd
 import pytest
 from scipy import stats
 
-from prunebench import compare
+from prunebench.commands.compare import compare
 from prunebench.errors import UserError
 
 pytest.importorskip("mlflow")

@@ -197,7 +197,7 @@ def test_cell_resumes_from_any_stage_of_iterative_pruning(method, stop_at, tmp_p
     fine-tune) and resumed from its checkpoint ends with the uninterrupted cell's exact weights."""
     from prunebench.cache import cell_checkpoint_path
     from prunebench.measure import count_macs
-    from prunebench.pipeline import CellCheckpoints, Context, dense_model, train_and_prune
+    from prunebench.commands.run import CellCheckpoints, Context, dense_model, train_and_prune
     from prunebench.recipe import load_recipe
 
     recipe = load_recipe(_recipe_in(tmp_path, TINY_RECIPE, sparsity={"epochs": 2, "lr": 0.01},
@@ -396,7 +396,8 @@ def test_every_torch_load_is_weights_only() -> None:
 
 
 def test_signals_are_held_during_a_checkpoint_write(tmp_path) -> None:
-    from prunebench.cache import atomic_save, signals_held
+    from prunebench.files import atomic_save
+    from prunebench.signals import signals_held
 
     got = []
     previous = signal.signal(signal.SIGTERM, lambda s, f: got.append(s))
@@ -415,7 +416,7 @@ def test_signals_are_held_during_a_checkpoint_write(tmp_path) -> None:
 def test_tracking_retries_a_locked_database() -> None:
     from sqlalchemy.exc import OperationalError
 
-    from prunebench.tracking import retry
+    from prunebench.tracking.store import retry
 
     calls = []
 

@@ -14,7 +14,7 @@ import torch
 from prunebench.cli import main
 from prunebench.groups import build_groups
 from prunebench.models import create_model
-from prunebench.pipeline import CONTROL, cell_phases
+from prunebench.commands.run import CONTROL, cell_phases
 from prunebench.recipe import Recipe, Schedule
 from prunebench.registry import available_methods, build_method
 from prunebench.sparsity import (MIN_PULL, ZERO_THRESHOLD, SparsityMonitor, lambda_for_pull, lr_sum, sparsity_pull,
@@ -243,7 +243,7 @@ def quickstart_dense(tmp_path_factory):
     """The quickstart's dense model of seed 0 (8 epochs on digits, ~15 s), trained once for this module."""
     import os
 
-    from prunebench.pipeline import Context, dense_model
+    from prunebench.commands.run import Context, dense_model
     from prunebench.recipe import load_recipe
 
     from conftest import ROOT

@@ -46,7 +46,7 @@ def _runs(kind: str) -> list:
 @pytest.fixture
 def contexts(monkeypatch: pytest.MonkeyPatch) -> list:
     """Every pipeline Context created in this test (to read the data module's test_reads counter)."""
-    import prunebench.pipeline as pipeline
+    import prunebench.commands.run as pipeline
 
     made: list = []
 
@@ -164,7 +164,7 @@ def test_diverging_trials_are_pruned_and_the_study_goes_on(write_recipe, tune_re
 
 
 def test_a_failing_trial_is_marked_failed_and_the_study_goes_on(write_recipe, tune_recipe, monkeypatch, capsys) -> None:
-    import prunebench.pipeline as pipeline
+    import prunebench.commands.run as pipeline
 
     def boom(*_args, **_kwargs):
         raise RuntimeError("boom")
@@ -220,7 +220,7 @@ def test_bad_command_line_values(write_recipe, tune_recipe, capsys) -> None:
 
 
 def test_plan_default_spaces_skips_and_study_names(write_recipe, tiny_recipe, capsys) -> None:
-    from prunebench.tune import plan_tasks
+    from prunebench.commands.tune.tune import plan_tasks
 
     tiny_recipe["methods"] = [{"name": "oicsr"}, {"name": "oicsr", "variant": "growl"},
                               {"name": "slimming", "lambda": 1e-5}, {"name": "thinet"}, {"name": "l1"}, {"name": "random"}]
@@ -241,7 +241,7 @@ def test_plan_default_spaces_skips_and_study_names(write_recipe, tiny_recipe, ca
 
 
 def test_default_storage_sits_beside_the_mlflow_store(tmp_path: Path) -> None:
-    from prunebench.tune import default_storage, mask_url
+    from prunebench.commands.tune.tune import default_storage, mask_url
 
     assert default_storage(f"sqlite:///{tmp_path}/runs/mlflow.db") == f"sqlite:///{tmp_path}/runs/optuna.db"
     assert default_storage("http://mlflow:5000") == "sqlite:///optuna.db"
@@ -249,7 +249,7 @@ def test_default_storage_sits_beside_the_mlflow_store(tmp_path: Path) -> None:
 
 
 def _draws(cfg: TuneConfig, storage, name: str, n: int) -> list[float]:
-    from prunebench.tune import make_sampler
+    from prunebench.commands.tune.tune import make_sampler
 
     study = optuna.create_study(storage=storage, study_name=name, direction="maximize", sampler=make_sampler(cfg),
                                 load_if_exists=True)

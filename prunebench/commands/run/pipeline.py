@@ -26,12 +26,8 @@ import json
 import logging
 import re
 import shutil
-import signal
-import sys
-import threading
 import time
-from collections.abc import Callable, Iterator
-from contextlib import contextmanager
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -39,11 +35,14 @@ from typing import Any
 import torch
 from torch import nn
 
-from prunebench import cache, tracking
+from prunebench import cache
+from prunebench.tracking import runs, schema, store
 from prunebench.cache import TrainingCheckpoint
 from prunebench.data import DataModule, load_data
 from prunebench.engine import prune_to_target
-from prunebench.errors import UserError
+from prunebench.errors import DivergedError, UserError
+from prunebench.files import atomic_save, file_lock, load_cached, load_torch
+from prunebench.signals import Interrupted, handle_signals, signals_held  # noqa: F401  (re-exported)
 from prunebench.groups import PrunableGroup, build_groups
 from prunebench.measure import count_macs, measure_latency
 from prunebench.method import Calibration, PruningMethod
@@ -52,7 +51,7 @@ from prunebench.recipe import Recipe, Schedule, dump_recipe, method_label
 from prunebench.registry import broken_methods, build_method, get_method
 from prunebench.serialize import pruned_payload
 from prunebench.sparsity import SparsityMonitor, check_pulls, sparsity_pull, steps_per_epoch
-from prunebench.train import (DivergedError, EpochStats, evaluate, make_optimizer, prepare_model, resolve_device,
+from prunebench.train import (EpochStats, evaluate, make_optimizer, prepare_model, resolve_device,
                               seed_everything, train)
 
 _STAGE_CODE = {"dense": 1, "sparsity": 2, "between": 3, "finetune": 4}
@@ -96,52 +95,6 @@ class RunSummary:
     def grid(self) -> list[CellResult]:
         """The cells of the grid (methods x seeds x targets), without the dense controls."""
         return [c for c in self.cells if not c.control]
-
-
-# -- interruption ------------------------------------------------------------------------------------
-
-
-class Interrupted(KeyboardInterrupt):
-    """SIGINT or SIGTERM arrived. Raised in the main thread (never inside a checkpoint write); the runs
-    it unwinds through are marked KILLED. The process should exit with :attr:`exit_code`."""
-
-    def __init__(self, signum: int) -> None:
-        self.signum = signum
-        self.signal_name = signal.Signals(signum).name
-        super().__init__(self.signal_name)
-
-    @property
-    def exit_code(self) -> int:
-        return 128 + self.signum  # the shell's convention: 130 for SIGINT, 143 for SIGTERM
-
-
-@contextmanager
-def handle_signals() -> Iterator[None]:
-    """Turn SIGINT and SIGTERM into :class:`Interrupted` for the duration of the block.
-
-    Only the first signal interrupts; later ones are ignored while the run winds down (marking runs
-    KILLED takes a moment), so a second Ctrl-C cannot tear the bookkeeping. Outside the main thread
-    it does nothing.
-    """
-    if threading.current_thread() is not threading.main_thread():
-        yield
-        return
-    stopping = False
-
-    def on_signal(signum: int, _frame: Any) -> None:
-        nonlocal stopping
-        if stopping:
-            print("prunebench: already stopping; marking the runs KILLED", file=sys.stderr, flush=True)
-            return
-        stopping = True
-        raise Interrupted(signum)
-
-    previous = {s: signal.signal(s, on_signal) for s in (signal.SIGINT, signal.SIGTERM)}
-    try:
-        yield
-    finally:
-        for s, handler in previous.items():
-            signal.signal(s, handler if handler is not None else signal.SIG_DFL)
 
 
 # -- shared context -----------------------------------------------------------------------------------
@@ -210,7 +163,7 @@ def preflight(ctx: Context) -> None:
     if ctx.recipe.dense.checkpoint:
         load_user_checkpoint(ctx.recipe, model)
     cache.check_writable(cache.workdir(ctx.recipe))
-    tracking.check_uri(ctx.recipe.tracking.uri)
+    store.check_uri(ctx.recipe.tracking.uri)
 
 
 def regularizer_pulls(ctx: Context) -> list[tuple[str, float]]:
@@ -226,8 +179,8 @@ def regularizer_pulls(ctx: Context) -> list[tuple[str, float]]:
     cached = cache.dense_path(recipe, recipe.seed_list[0])
     if recipe.dense.checkpoint:
         load_user_checkpoint(recipe, model)
-    elif cached.is_file():
-        model.load_state_dict(cache.safe_load(cached)["state_dict"])
+    elif (payload := load_cached(cached)) is not None:
+        model.load_state_dict(payload["state_dict"])
     _, groups = build_groups(model, ctx.example, scope=recipe.prune.scope, ignored_layers=recipe.prune.ignored_layers)
     out = []
     for spec in specs:
@@ -261,7 +214,7 @@ def load_user_checkpoint(recipe: Recipe, model: nn.Module) -> None:
     if not path.is_file():
         raise UserError(f"dense.checkpoint {str(path)!r} does not exist; fix the path or remove the key to train")
     try:
-        state = cache.safe_load(path)
+        state = load_torch(path)
     except Exception as exc:  # not a torch file, or one that needs code to unpickle
         first = (str(exc).splitlines() or [type(exc).__name__])[0][:160]
         raise UserError(f"dense.checkpoint {str(path)!r} cannot be read as a weights-only state dict ({first}); "
@@ -291,12 +244,12 @@ def dense_model(ctx: Context, seed: int) -> nn.Module:
         ctx.say(f"seed {seed}: dense model from {recipe.dense.checkpoint}")
         return model
     path = cache.dense_path(recipe, seed)
-    lock = cache.lock_for(path)
+    lock = file_lock(path)
     if not path.is_file() and not _try_acquire(lock):
         ctx.say(f"seed {seed}: another process is training this dense model; waiting to reuse it")
     with lock:  # a concurrent run waits here, then reuses the file
-        if path.is_file():
-            model.load_state_dict(cache.safe_load(path)["state_dict"])
+        if (payload := load_cached(path)) is not None:  # a corrupt file is moved aside and trained again
+            model.load_state_dict(payload["state_dict"])
             ctx.say(f"seed {seed}: dense model from cache {path}")
             return model
         _train_dense(ctx, model, seed, path)
@@ -341,7 +294,7 @@ def _train_dense(ctx: Context, model: nn.Module, seed: int, path: Path) -> None:
     except DivergedError as exc:  # every cell of the seed would start from it: a recipe problem, not a cell's
         raise UserError(f"dense training of seed {seed} diverged ({exc}); lower dense.lr or add "
                         "dense.warmup_epochs") from exc
-    cache.atomic_save({"state_dict": model.state_dict(), "key": key}, path)
+    atomic_save({"state_dict": model.state_dict(), "key": key}, path)
     partial.unlink(missing_ok=True)
 
 
@@ -473,7 +426,7 @@ def train_and_prune(ctx: Context, dense: nn.Module, macs_dense: float, spec: dic
                 stats.diagnostics.update(monitor.epoch_end(stats))
                 if stats.epoch == last:
                     stats.norms = monitor.norms_record()
-            with cache.signals_held():  # the epoch's metrics and its checkpoint go together
+            with signals_held():  # the epoch's metrics and its checkpoint go together
                 if on_epoch is not None:
                     on_epoch(stage, stats, first + stats.epoch)
                 if checkpoints is not None:
@@ -540,11 +493,11 @@ def _prune_step(ctx: Context, model: nn.Module, method: PruningMethod, j: int, t
 
 
 def _log_epoch(stage: str, stats: EpochStats, step: int) -> None:
-    tracking.log_epoch({"train_loss": stats.train_loss, "train_penalty": stats.train_penalty,
+    runs.log_epoch({"train_loss": stats.train_loss, "train_penalty": stats.train_penalty,
                         "train_top1": stats.train_top1, "val_top1": stats.val_top1, "lr": stats.lr,
                         **stats.diagnostics}, step=step)
     if stats.norms is not None:
-        tracking.log_text(json.dumps(stats.norms), "sparsity_norms.json")
+        runs.log_text(json.dumps(stats.norms), "sparsity_norms.json")
 
 
 def run_cell(ctx: Context, dense: nn.Module, dense_metrics: dict[str, Any], spec: dict[str, Any], seed: int,
@@ -559,7 +512,7 @@ def run_cell(ctx: Context, dense: nn.Module, dense_metrics: dict[str, Any], spec
 
     model, stages = train_and_prune(ctx, dense, dense_metrics["macs_dense"], spec, seed, target, on_epoch=on_epoch,
                                     checkpoints=checkpoints)
-    tracking.set_tags({tracking.STAGES_TAG: json.dumps(stages)})
+    runs.set_tags({schema.STAGES_TAG: json.dumps(stages)})
 
     report = count_macs(model, ctx.example)
     latency = ctx.latency(model)
@@ -584,7 +537,7 @@ def run_cell(ctx: Context, dense: nn.Module, dense_metrics: dict[str, Any], spec
         "speedup": dense_lat[big] / latency[big],
     }
     last_step = max((end for _, end in stages.values()), default=1) - 1
-    tracking.log_final(metrics, step=last_step)  # at the last epoch, so per-epoch val_top1 ends on the final value
+    runs.log_final(metrics, step=last_step)  # at the last epoch, so per-epoch val_top1 ends on the final value
     before = {r["name"]: r for r in dense_metrics["_layers"]}
     rows = [
         {"layer": r["name"], "type": r["type"],
@@ -593,12 +546,12 @@ def run_cell(ctx: Context, dense: nn.Module, dense_metrics: dict[str, Any], spec
          "macs_before": before.get(r["name"], r)["macs"], "macs_after": r["macs"]}
         for r in report.per_layer
     ]
-    tracking.log_text(tracking.rows_to_csv(rows), "layers.csv")
+    runs.log_text(runs.rows_to_csv(rows), "layers.csv")
     # one folder per run: concurrent invocations of the same recipe never write the same file
     run_folder = checkpoints.run_id if checkpoints is not None and checkpoints.run_id else "latest"
     out = cache.workdir(recipe) / "pruned" / run_folder / re.sub(r"[^\w.=-]+", "_", f"{label}-s{seed}-t{target}.pt")
-    cache.atomic_save(pruned_payload(model), out)
-    tracking.log_file(out, "model")
+    atomic_save(pruned_payload(model), out)
+    runs.log_file(out, "model")
     return {**diagnostics, **{k: v for k, v in metrics.items() if v is not None}}
 
 
@@ -609,7 +562,7 @@ def run_control(ctx: Context, dense: nn.Module, dense_metrics: dict[str, Any], s
     method did from what the extra epochs did."""
     model, stages = train_and_prune(ctx, dense, dense_metrics["macs_dense"], CONTROL, seed, 0.0, on_epoch=_log_epoch,
                                     checkpoints=checkpoints)
-    tracking.set_tags({tracking.STAGES_TAG: json.dumps(stages)})
+    runs.set_tags({schema.STAGES_TAG: json.dumps(stages)})
     metrics = {
         "test_top1": evaluate(model, ctx.data.eval_batches("test"), ctx.recipe.train),
         "val_top1": ctx.val_fn(model),
@@ -621,7 +574,7 @@ def run_control(ctx: Context, dense: nn.Module, dense_metrics: dict[str, Any], s
         "params_dense": dense_metrics["params_dense"],
     }
     last_step = max((end for _, end in stages.values()), default=1) - 1
-    tracking.log_final(metrics, step=last_step)
+    runs.log_final(metrics, step=last_step)
     return {k: v for k, v in metrics.items() if v is not None}
 
 
@@ -678,7 +631,7 @@ def _run_isolated(ctx: Context, start: _DenseStart, spec: dict[str, Any], seed: 
     params = _control_params(recipe, seed) if control else _cell_params(recipe, spec, seed, target)
     name = f"dense_control-s{seed}" if control else f"{label}-s{seed}-t{target}"
     try:
-        with tracking.cell_run(name, params, recipe.name, cell_key=key, run_id=cell.run_id or None,
+        with runs.cell_run(name, params, recipe.name, cell_key=key, run_id=cell.run_id or None,
                                kind="control" if control else "cell") as run:
             cell.run_id = run.info.run_id
             checkpoints = CellCheckpoints(cache.cell_checkpoint_path(recipe, cell.run_id), key, cell.run_id)
@@ -701,13 +654,13 @@ def run_recipe(recipe: Recipe, *, quiet: bool = False, resume: bool = False) -> 
     ctx = Context(recipe, quiet, resume=resume)  # a missing dataset fails here ...
     preflight(ctx)  # ... a bad model, dense checkpoint or workdir here ...
     check_regularizers(ctx)  # ... a regularizer that cannot act here (a warning, or an error on request) ...
-    uri = tracking.connect(recipe.tracking.uri, recipe.experiment)  # ... an unreachable store here: no run yet
+    uri = store.connect(recipe.tracking.uri, recipe.experiment)  # ... an unreachable store here: no run yet
     for name, why in broken_methods().items():
         if any(spec["name"] == name for spec in recipe.methods):
             ctx.say(f"method {name!r} is unavailable ({why}); its cells will be marked FAILED")
     rkey = cache.recipe_key(recipe)
-    previous = tracking.find_parent(recipe.experiment, rkey) if resume else None
-    earlier = tracking.cell_runs(previous) if previous is not None else {}
+    previous = runs.find_parent(recipe.experiment, rkey) if resume else None
+    earlier = runs.cell_runs(previous) if previous is not None else {}
     if resume and previous is not None:
         finished = sum(r.info.status == "FINISHED" for r in earlier.values())
         ctx.say(f"resuming parent run {previous.info.run_id} ({finished} finished cells)")
@@ -715,10 +668,10 @@ def run_recipe(recipe: Recipe, *, quiet: bool = False, resume: bool = False) -> 
         ctx.say(f"nothing to resume for this recipe in experiment {recipe.experiment!r}; starting a new run")
     results: list[CellResult] = []
     run_name = f"{recipe.name}-{time.strftime('%Y%m%d-%H%M%S')}"
-    with tracking.parent_run(recipe.name, run_name, dump_recipe(recipe), recipe_key=rkey,
+    with runs.parent_run(recipe.name, run_name, dump_recipe(recipe), recipe_key=rkey,
                              run_id=previous.info.run_id if previous is not None else None) as parent:
         if previous is None:
-            tracking.log_text(json.dumps({"device": str(ctx.device), **ctx.data.split_sizes()}), "data.json")
+            runs.log_text(json.dumps({"device": str(ctx.device), **ctx.data.split_sizes()}), "data.json")
         for seed in recipe.seed_list:
             start: _DenseStart | None = None  # trained or loaded only if a cell of this seed still has to run
             control = [(CONTROL, 0.0)] if recipe.dense_control else []

@@ -44,7 +44,8 @@ import numpy as np
 import pandas as pd
 
 from prunebench.errors import UserError, close_matches
-from prunebench.tracking import DEFAULT_URI, KIND_TAG, STAGES_TAG, resolve_uri
+from prunebench.tracking.schema import DEFAULT_URI, KIND_TAG, STAGES_TAG
+from prunebench.tracking.store import resolve_uri
 
 if TYPE_CHECKING:  # mlflow is slow to import; only the commands that read runs pay for it
     from mlflow.entities import Experiment, Run
@@ -968,7 +969,7 @@ def write_outputs(client: MlflowClient, comp: Comparison, out_dir: Path, layers_
     out_dir.mkdir(parents=True, exist_ok=True)
     written: list[Path] = []
     if plots:
-        from prunebench import plots as P
+        from prunebench.commands.compare import plots as P
 
         layers, notes = load_layers(client, comp.cells[comp.cells["target"] == target])
         comp.notes.extend(notes)

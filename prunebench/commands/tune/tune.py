@@ -358,12 +358,12 @@ def end_run(run_id: str, status: str) -> None:
     status, so a busy SQLite store is retried on that run id, never by ending the next (parent) run."""
     import mlflow
 
-    from prunebench import tracking
+    from prunebench.tracking import store
 
     try:
         mlflow.end_run(status)
     except Exception:
-        tracking.retry(mlflow.MlflowClient().set_terminated, run_id, status)
+        store.retry(mlflow.MlflowClient().set_terminated, run_id, status)
 
 
 @dataclass
@@ -396,7 +396,7 @@ class Tuner:
 
     def __init__(self, recipe: Recipe, cfg: TuneConfig, storage: Any, storage_url: str, *, quiet: bool) -> None:
         from prunebench.measure import count_macs
-        from prunebench.pipeline import Context, dense_model, preflight
+        from prunebench.commands.run import Context, dense_model, preflight
 
         self.recipe, self.cfg, self.storage, self.storage_url = recipe, cfg, storage, storage_url
         self.trecipe = trial_recipe(recipe, cfg)
@@ -468,7 +468,7 @@ class Tuner:
         import mlflow
         import optuna
 
-        from prunebench import tracking
+        from prunebench.tracking import runs, schema, store
 
         study = self.load_study(task)
         result = StudyResult(task, {}, 0, None, None, None)
@@ -479,12 +479,12 @@ class Tuner:
             summarize_study(study, result)
             return result
         stamp = time.strftime("%Y%m%d-%H%M%S")
-        run = tracking.retry(mlflow.start_run, run_name=f"{task.study}-{stamp}")
+        run = store.retry(mlflow.start_run, run_name=f"{task.study}-{stamp}")
         result.run_id, status = run.info.run_id, "FAILED"
         try:
-            tracking.set_tags({tracking.KIND_TAG: "study", tracking.RECIPE_TAG: self.recipe.name,
-                               "prunebench.study": task.study, **tracking.environment_tags()})
-            tracking.retry(mlflow.log_params, {
+            runs.set_tags({schema.KIND_TAG: "study", schema.RECIPE_TAG: self.recipe.name,
+                               "prunebench.study": task.study, **runs.environment_tags()})
+            store.retry(mlflow.log_params, {
                 "study": task.study, "storage": mask_url(self.storage_url), "method": task.name,
                 "method_label": task.label, "objective": self.cfg.objective, "target": self.target,
                 "seed": self.seed, "trials": total, "sampler": self.cfg.sampler, "pruner": self.cfg.pruner,
@@ -512,7 +512,7 @@ class Tuner:
             status = "KILLED"
             raise
         except BaseException as exc:
-            tracking.record_failure(exc)
+            runs.record_failure(exc)
             raise
         finally:
             end_run(result.run_id, status)
@@ -523,23 +523,23 @@ class Tuner:
         import mlflow
         import optuna
 
-        from prunebench import tracking
+        from prunebench.tracking import runs, schema, store
         from prunebench.measure import count_macs
-        from prunebench.pipeline import train_and_prune
-        from prunebench.train import DivergedError
+        from prunebench.commands.run import train_and_prune
+        from prunebench.errors import DivergedError
 
         def objective(trial: optuna.Trial) -> float:
             values = {k: suggest(trial, k, s) for k, s in task.spaces.items()}
             spec = task.spec(values)
             trial.set_user_attr("worker", self.worker)
             t0 = time.perf_counter()
-            run = tracking.retry(mlflow.start_run, run_name=f"{task.study}-trial{trial.number}", nested=True)
+            run = store.retry(mlflow.start_run, run_name=f"{task.study}-trial{trial.number}", nested=True)
             trial.set_user_attr("mlflow_run_id", run.info.run_id)
             state, status = "FAIL", "FAILED"
             head = f"  {task.label} trial {trial.number}: {_fmt_params(values)}"
 
             def on_epoch(stage: str, stats: Any, step: int) -> None:
-                tracking.log_epoch({"train_loss": stats.train_loss, "train_penalty": stats.train_penalty,
+                runs.log_epoch({"train_loss": stats.train_loss, "train_penalty": stats.train_penalty,
                                     "train_top1": stats.train_top1, "val_top1": stats.val_top1, "lr": stats.lr,
                                     **stats.diagnostics}, step=step)
                 if "sparsity_zero_frac" in stats.diagnostics:  # shown in the study summary beside the value
@@ -550,9 +550,9 @@ class Tuner:
                                              f"({stage}, val_top1 {stats.val_top1:.4f})")
 
             try:
-                tracking.set_tags({tracking.KIND_TAG: "trial", tracking.RECIPE_TAG: self.recipe.name,
+                runs.set_tags({schema.KIND_TAG: "trial", schema.RECIPE_TAG: self.recipe.name,
                                    "prunebench.study": task.study, "prunebench.trial_number": str(trial.number)})
-                tracking.retry(mlflow.log_params, {
+                store.retry(mlflow.log_params, {
                     "method": task.name, "method_label": method_label(spec), "seed": self.seed, "target": self.target,
                     "model": self.recipe.model.name, "dataset": self.recipe.data.name, "study": task.study,
                     "trial": trial.number, **{f"method.{k}": v for k, v in spec.items() if k != "name"}})
@@ -562,7 +562,7 @@ class Tuner:
                 macs = count_macs(model, self.ctx.example).macs
                 reduction = 1 - macs / self.macs_dense
                 trial.set_user_attr("macs_reduction", reduction)
-                tracking.log_final({"val_top1": value, "objective": value, "macs": macs, "macs_reduction": reduction})
+                runs.log_final({"val_top1": value, "objective": value, "macs": macs, "macs_reduction": reduction})
                 state, status = "COMPLETE", "FINISHED"
                 print(f"{head} -> val_top1 {value:.4f} (MACs -{100 * reduction:.1f}%) "
                       f"[{time.perf_counter() - t0:.0f} s]", flush=True)
@@ -575,7 +575,7 @@ class Tuner:
             except DivergedError as exc:
                 state, status = "PRUNED", "KILLED"
                 trial.set_user_attr("failure", f"diverged: {exc}")
-                tracking.set_tags({tracking.FAILURE_TAG: "diverged", tracking.ERROR_TAG: str(exc)[:4000]})
+                runs.set_tags({schema.FAILURE_TAG: "diverged", schema.ERROR_TAG: str(exc)[:4000]})
                 print(f"{head} -> diverged ({exc}); marked pruned", flush=True)
                 raise optuna.TrialPruned(f"diverged: {exc}") from exc
             except KeyboardInterrupt:  # Ctrl-C or SIGTERM: Optuna marks the trial FAIL (no reason: not counted)
@@ -586,11 +586,11 @@ class Tuner:
             except Exception as exc:  # isolate the failure: mark this trial, go on with the study
                 reason = f"{type(exc).__name__}: {exc}"
                 trial.set_user_attr("failure", f"error: {reason}"[:4000])
-                tracking.record_failure(exc)
+                runs.record_failure(exc)
                 print(f"{head} -> FAILED ({reason})", flush=True)
                 raise _TrialFailed(reason) from exc
             finally:
-                tracking.set_tags({"prunebench.trial_state": state})
+                runs.set_tags({"prunebench.trial_state": state})
                 end_run(run.info.run_id, status)
 
         return objective
@@ -599,17 +599,17 @@ class Tuner:
     def _log_study(self, study: Any, result: StudyResult) -> None:
         import mlflow
 
-        from prunebench import tracking
+        from prunebench.tracking import runs, store
 
-        tracking.log_final({"n_trials": result.n_trials, "n_complete": result.counts["COMPLETE"],
+        runs.log_final({"n_trials": result.n_trials, "n_complete": result.counts["COMPLETE"],
                             "n_pruned": result.counts["PRUNED"], "n_failed": result.counts["FAIL"],
                             "n_diverged": result.diverged})
         if result.best_params is not None:
-            tracking.log_final({"best_val_top1": result.best_value})
-            tracking.retry(mlflow.log_params, {f"best.{k}": v for k, v in result.best_params.items()})
-            tracking.set_tags({"prunebench.best_params": json.dumps(result.best_params)})
+            runs.log_final({"best_val_top1": result.best_value})
+            store.retry(mlflow.log_params, {f"best.{k}": v for k, v in result.best_params.items()})
+            runs.set_tags({"prunebench.best_params": json.dumps(result.best_params)})
         try:
-            tracking.log_text(study.trials_dataframe().to_csv(index=False), "trials.csv")
+            runs.log_text(study.trials_dataframe().to_csv(index=False), "trials.csv")
         except Exception as exc:  # pandas missing or an odd study: the plots and params still go in
             print(f"  (no trials.csv: {exc})")
         skipped = log_plots(study)
@@ -656,7 +656,7 @@ def log_plots(study: Any) -> list[tuple[str, str]]:
     import optuna.visualization.matplotlib as ovm
     from optuna.trial import TrialState
 
-    from prunebench import tracking
+    from prunebench.tracking import runs
 
     n_complete = len(study.get_trials(deepcopy=False, states=(TrialState.COMPLETE,)))
     skipped = []
@@ -672,7 +672,7 @@ def log_plots(study: Any) -> list[tuple[str, str]]:
                 path = Path(tmp) / f"{name}.png"
                 fig.savefig(path, dpi=100, bbox_inches="tight")
                 plt.close(fig)
-                tracking.log_file(path, "plots")
+                runs.log_file(path, "plots")
             except (ValueError, RuntimeError, ImportError, optuna.exceptions.OptunaError) as exc:
                 skipped.append((name, str(exc).splitlines()[0] if str(exc) else type(exc).__name__))
             finally:
@@ -820,8 +820,8 @@ def run(args: argparse.Namespace) -> int:
     import mlflow
     import optuna
 
-    from prunebench import tracking
-    from prunebench.pipeline import Interrupted, handle_signals
+    from prunebench.tracking import store
+    from prunebench.signals import Interrupted, handle_signals
 
     source = Path(args.recipe)
     recipe = load_recipe(source, args.override, allow_spaces=True)
@@ -831,7 +831,7 @@ def run(args: argparse.Namespace) -> int:
     all_tasks = plan_tasks(recipe, cfg, None, args.study, say=lambda _m: None) if methods else tasks
 
     optuna.logging.set_verbosity(optuna.logging.ERROR)  # each trial's outcome is printed below, once
-    uri = tracking.connect(recipe.tracking.uri, recipe.experiment)
+    uri = store.connect(recipe.tracking.uri, recipe.experiment)
     storage_url = cfg.storage or default_storage(uri)
     storage = open_storage(storage_url, cfg.heartbeat_interval)
     target = trial_target(recipe, cfg)
@@ -858,7 +858,7 @@ def run(args: argparse.Namespace) -> int:
     client = mlflow.MlflowClient()
     for r in results:
         if r.run_id is not None:
-            tracking.retry(client.log_text, r.run_id, text, out.name)
+            store.retry(client.log_text, r.run_id, text, out.name)
 
     print("\n" + format_summary(results))
     print(f"\ntuned recipe: {out}")
