@@ -60,3 +60,15 @@ def epoch_metrics(stats: object) -> dict[str, float]:
     """The per-epoch metrics of an :class:`prunebench.train.EpochStats` (with its diagnostics)."""
     values = {name: getattr(stats, name) for name in EPOCH_METRICS}
     return {**values, **getattr(stats, "diagnostics", {})}
+
+
+# -- ``prunebench tune``: params of a study run and of a trial run, and the study run's artifacts ---------
+STUDY_PARAMS = ("study", "storage", "method", "method_label", "objective", "target", "seed", "trials", "sampler",
+                "pruner", "sparsity_epochs", "finetune_epochs", "model", "dataset")
+"""Logged once on every study run (with ``method.<name>`` for the fixed parameters, ``space.<name>`` for the
+searched ones)."""
+TRIAL_PARAMS = ("method", "method_label", "seed", "target", "model", "dataset", "study", "trial")
+"""Logged once on every trial run (with ``method.<name>`` for every method parameter, sampled ones included)."""
+SPACE_PARAM_PREFIX = "space."  # space.<name>: the range a study searches for the method parameter <name>
+BEST_PARAM_PREFIX = "best."  # best.<name>: the best trial's value of <name>, on the study run
+PLOTS_ARTIFACT_DIR = "plots"  # Optuna's plots (PNG) of a study run
