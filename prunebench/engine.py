@@ -48,14 +48,7 @@ import torch
 from torch import Tensor, nn
 
 from prunebench.errors import UserError
-from prunebench.groups import (
-    _NORM_TYPES,
-    PrunableGroup,
-    Scope,
-    _index_mapping_refresh_skipped,
-    _is_depthwise,
-    build_groups,
-)
+from prunebench.groups import NORM_TYPES, PrunableGroup, Scope, build_groups, index_mapping_refresh_skipped, is_depthwise
 from prunebench.measure import MacsReport, count_macs
 from prunebench.method import Calibration, PruningMethod
 
@@ -130,7 +123,7 @@ class MacsCostModel:
         # functional ops): it may shrink with a group the model does not see (a global pool behind a
         # pruned conv), so plans keep a margin for it (see _plan_slack).
         fixed = sum(report.by_module.get(n, 0) for n, m in model.named_modules()
-                    if m not in index and isinstance(m, _CONV_FC + _NORM_TYPES))
+                    if m not in index and isinstance(m, _CONV_FC + NORM_TYPES))
         self.unmodelled = max(self.rest - float(fixed), 0.0)
 
     def remove(self, group: int, k: int, commit: bool = True) -> float:
@@ -181,7 +174,7 @@ def _cost_dims(module: nn.Module) -> tuple[int, int]:
 
 def _is_single(module: nn.Module) -> bool:
     """Norm layers and depthwise convs: cost scales with one channel count."""
-    return isinstance(module, _NORM_TYPES) or _is_depthwise(module)
+    return isinstance(module, NORM_TYPES) or is_depthwise(module)
 
 
 def _channels(module: nn.Module) -> int:
@@ -691,7 +684,7 @@ def cut(graph: Any, groups: Sequence[PrunableGroup], plan: Sequence[Tensor]) -> 
     stale = False
     for g, idx in zip(groups, plan):
         if idx.numel():
-            with contextlib.nullcontext() if stale else _index_mapping_refresh_skipped():
+            with contextlib.nullcontext() if stale else index_mapping_refresh_skipped():
                 graph.get_pruning_group(g.root, g.tp_fn, sorted(idx.tolist())).prune()
             stale = g.coupled
 

@@ -25,13 +25,15 @@ from dataclasses import dataclass, field
 from typing import Any, Literal
 
 import torch
+import torch_pruning as tp
 from torch import Tensor, nn
+from torch_pruning.dependency import index_mapping
 
 from prunebench.errors import UserError, close_matches
 
 Part = Literal["all", "out", "in", "root"]
 
-_NORM_TYPES = (nn.modules.batchnorm._BatchNorm, nn.GroupNorm, nn.LayerNorm)
+NORM_TYPES = (nn.modules.batchnorm._BatchNorm, nn.GroupNorm, nn.LayerNorm)
 
 
 @dataclass(eq=False)
@@ -57,7 +59,7 @@ class GroupMember:
 
     @property
     def is_norm(self) -> bool:
-        return isinstance(self.module, _NORM_TYPES)
+        return isinstance(self.module, NORM_TYPES)
 
     def sq_norms(self) -> Tensor:
         """Per-channel sum of squares of this member's weights, shape ``[size]`` (differentiable)."""
@@ -125,7 +127,7 @@ class PrunableGroup:
 
 Scope = Literal["auto", "internal", "all"]
 _SCOPES = ("auto", "internal", "all")
-_MEMBER_TYPES = (nn.modules.conv._ConvNd, nn.Linear) + _NORM_TYPES
+_MEMBER_TYPES = (nn.modules.conv._ConvNd, nn.Linear) + NORM_TYPES
 
 
 def build_groups(
@@ -149,8 +151,6 @@ def build_groups(
     and residual nets) and ``all`` otherwise (DenseNet without bottlenecks has no internal pair).
     Groups come in the model's module order, so their order does not depend on tracing details.
     """
-    import torch_pruning as tp
-
     if scope not in _SCOPES:
         raise UserError(f"unknown pruning scope {scope!r}; use one of {', '.join(_SCOPES)}")
     ignored_layers, names = list(ignored_layers), {m: n for n, m in model.named_modules()}
@@ -162,9 +162,9 @@ def build_groups(
     try:
         with torch.enable_grad():  # torch-pruning traces through autograd
             graph = tp.DependencyGraph().build_dependency(
-                model, example_input.to(device), customized_pruners=_customized_pruners(), verbose=False
+                model, example_input.to(device), customized_pruners=customized_pruners(), verbose=False
             )
-        with _index_mapping_refresh_skipped():
+        with index_mapping_refresh_skipped():
             tp_groups = list(graph.get_all_groups(ignored_layers=frozen, root_module_types=[nn.Conv2d, nn.Linear]))
     finally:
         model.train(was_training)  # tracing leaves the model in eval mode
@@ -176,7 +176,7 @@ def build_groups(
 
 
 @contextmanager
-def _index_mapping_refresh_skipped() -> Iterator[None]:
+def index_mapping_refresh_skipped() -> Iterator[None]:
     """Skip torch-pruning's index-mapping refresh while groups are only enumerated.
 
     ``get_pruning_group`` recomputes every concat/split index mapping before each group, in case the
@@ -184,8 +184,6 @@ def _index_mapping_refresh_skipped() -> Iterator[None]:
     computed them, so the refresh is redundant -- and it is 85% of the time on DenseNet-121 (seconds).
     The original function is always restored.
     """
-    from torch_pruning.dependency import index_mapping
-
     original = index_mapping.update_index_mapping
     index_mapping.update_index_mapping = lambda graph: None
     try:
@@ -195,27 +193,41 @@ def _index_mapping_refresh_skipped() -> Iterator[None]:
 
 
 def _default_never_prune(model: nn.Module) -> list[nn.Module]:
-    """The classifier and the stem: from ``prunebench.models`` where it knows the model, else the last
-    Linear and the first Conv2d in module order."""
-    try:
-        from prunebench.models import classifier_and_stem
-    except ImportError:
-        pass
+    classifier, stem = classifier_and_stem(model)
+    return [*classifier, *stem]
+
+
+_PRUNERS: dict[type[nn.Module], type[tp.pruner.function.BasePruningFunc]] = {}
+
+
+def register_pruner(module_type: type[nn.Module], pruner: type[tp.pruner.function.BasePruningFunc]) -> None:
+    """Teach the engine the surgery of a custom layer (torch-pruning's ``customized_pruners``); e.g. the CIFAR
+    ResNets' option-A shortcut registers itself when :mod:`prunebench.models` is imported."""
+    _PRUNERS[module_type] = pruner
+
+
+def customized_pruners() -> dict[type[nn.Module], Any]:
+    """The ``customized_pruners`` argument of torch-pruning for every registered custom layer."""
+    return {t: p() for t, p in _PRUNERS.items()}  # fresh instances: a pruner may keep per-graph state
+
+
+def classifier_and_stem(model: nn.Module) -> tuple[list[nn.Module], list[nn.Module]]:
+    """The layers the pruning engine must never cut: the classifier (its outputs are the classes) and the stem.
+
+    Classifier: the Linear (or conv) layers inside timm's ``get_classifier()`` when the model has one (none
+    for a headless ``num_classes=0`` model), else the last ``nn.Linear`` in module order. Stem: the first
+    ``nn.Conv2d`` in module order (timm and the CIFAR models here define it first). Either list is empty
+    when the model has no such layer.
+    """
+    get = getattr(model, "get_classifier", None)
+    if callable(get):
+        head = get()
+        heads = head.modules() if isinstance(head, nn.Module) else ()
+        classifier = [m for m in heads if isinstance(m, (nn.Linear, nn.Conv2d))]
     else:
-        classifier, stem = classifier_and_stem(model)
-        return [*classifier, *stem]
-    linears = [m for m in model.modules() if isinstance(m, nn.Linear)]
-    convs = [m for m in model.modules() if isinstance(m, nn.Conv2d)]
-    return linears[-1:] + convs[:1]
-
-
-def _customized_pruners() -> dict[type[nn.Module], Any]:
-    """torch-pruning surgery for the harness's own layers (e.g. option-A shortcuts), when available."""
-    try:
-        from prunebench.models import tp_customized_pruners
-    except ImportError:
-        return {}
-    return tp_customized_pruners()
+        classifier = [m for m in model.modules() if isinstance(m, nn.Linear)][-1:]
+    stem = next((m for m in model.modules() if isinstance(m, nn.Conv2d)), None)
+    return classifier, [stem] if stem is not None else []
 
 
 def _resolve_modules(model: nn.Module, items: Iterable[str | nn.Module], where: str) -> list[nn.Module]:
@@ -248,7 +260,7 @@ def _convert(graph: Any, tp_group: Any, names: dict[nn.Module, str]) -> Prunable
         idxs = _aligned_idxs(item.idxs, item.root_idxs, size)
         if idxs is None:
             return None
-        out = graph.is_out_channel_pruning_fn(item.dep.handler) or isinstance(module, _NORM_TYPES)
+        out = graph.is_out_channel_pruning_fn(item.dep.handler) or isinstance(module, NORM_TYPES)
         members.append(GroupMember(names[module], module, "out" if out else "in", idxs))
     group = PrunableGroup(
         name=names[root],
@@ -281,8 +293,6 @@ def _is_coupled(tp_group: Any, members: list[GroupMember]) -> bool:
     Several producing convs (not counting depthwise ones, whose in and out channels are one and the
     same) also mean a shared stream.
     """
-    import torch_pruning as tp
-
     merge_types = (tp.ops.OPTYPE.CONCAT, tp.ops.OPTYPE.SPLIT, tp.ops.OPTYPE.SLICE, tp.ops.OPTYPE.UNBIND)
     for item in tp_group:
         node = item.dep.target
@@ -290,21 +300,21 @@ def _is_coupled(tp_group: Any, members: list[GroupMember]) -> bool:
             return True
         if node.type == tp.ops.OPTYPE.ELEMENTWISE and len(node.inputs) >= 2:
             return True
-    producers = [m for m in members if m.kind == "out" and not m.is_norm and not _is_depthwise(m.module)]
+    producers = [m for m in members if m.kind == "out" and not m.is_norm and not is_depthwise(m.module)]
     return len(producers) > 1
 
 
-def _is_depthwise(module: nn.Module) -> bool:
+def is_depthwise(module: nn.Module) -> bool:
     return isinstance(module, nn.modules.conv._ConvNd) and module.groups > 1 and module.groups == module.out_channels
 
 
 def _reroot_off_depthwise(graph: Any, group: PrunableGroup, names: dict[nn.Module, str]) -> PrunableGroup:
     """Make the producing (non-depthwise) conv the root when torch-pruning rooted the group at a
     depthwise conv, so that ``root`` means the same thing in every group (OICSR's producer layer)."""
-    if not _is_depthwise(group.root):
+    if not is_depthwise(group.root):
         return group
     cand = next(
-        (m for m in group.members if m.kind == "out" and not m.is_norm and not _is_depthwise(m.module) and m.idxs.shape[1] == 1),
+        (m for m in group.members if m.kind == "out" and not m.is_norm and not is_depthwise(m.module) and m.idxs.shape[1] == 1),
         None,
     )
     if cand is None:

@@ -23,7 +23,7 @@ treats an unknown op as element-wise and maps channel ``j`` of the 16-channel st
 of the 32-channel stream, which is wrong (the data goes to channel ``8 + j``) and asks for channels the
 narrower stream does not have. :class:`ShortcutA` therefore keeps the placement explicit, as two index
 buffers (input channel ``src[k]`` goes to output channel ``dst[k]``), and :class:`ShortcutAPruner` tells
-torch-pruning how to cut them. Pass :func:`tp_customized_pruners` to
+torch-pruning how to cut them. It is registered with :func:`prunebench.groups.register_pruner`; pass :func:`prunebench.groups.customized_pruners` to
 ``DependencyGraph.build_dependency(..., customized_pruners=...)`` (and to torch-pruning's pruners): the
 residual streams before and after the shortcut then form separate groups -- which is exact, since no
 weight ties them -- and removing a channel on either side only edits the index buffers. Without it the
@@ -45,6 +45,7 @@ from timm.models import register_model
 from torch import Tensor, nn
 
 from prunebench.errors import UserError, close_matches
+from prunebench.groups import register_pruner
 from prunebench.recipe import ModelConfig
 
 __all__ = [
@@ -57,10 +58,8 @@ __all__ = [
     "ShortcutA",
     "ShortcutAPruner",
     "Transition",
-    "classifier_and_stem",
     "create_model",
     "list_models",
-    "tp_customized_pruners",
 ]
 
 #: Names of the CIFAR models this module registers into timm, in registration order.
@@ -214,9 +213,7 @@ class ShortcutAPruner(tp.pruner.function.BasePruningFunc):
         return layer.in_channels
 
 
-def tp_customized_pruners() -> dict[type[nn.Module], tp.pruner.function.BasePruningFunc]:
-    """The ``customized_pruners`` argument torch-pruning needs for the models in this module (fresh instances)."""
-    return {ShortcutA: ShortcutAPruner()}
+register_pruner(ShortcutA, ShortcutAPruner)
 
 
 class BasicBlock(nn.Module):
@@ -466,22 +463,3 @@ def list_models(pattern: str | None = None) -> list[str]:
         return timm.list_models(pattern)
     cifar = set(CIFAR_MODELS)
     return CIFAR_MODELS + [m for m in timm.list_models() if m not in cifar]
-
-
-def classifier_and_stem(model: nn.Module) -> tuple[list[nn.Module], list[nn.Module]]:
-    """The layers the pruning engine must never cut: the classifier (its outputs are the classes) and the stem.
-
-    Classifier: the Linear (or conv) layers inside timm's ``get_classifier()`` when the model has one (none
-    for a headless ``num_classes=0`` model), else the last ``nn.Linear`` in module order. Stem: the first
-    ``nn.Conv2d`` in module order (timm and the CIFAR models here define it first). Either list is empty
-    when the model has no such layer.
-    """
-    get = getattr(model, "get_classifier", None)
-    if callable(get):
-        head = get()
-        heads = head.modules() if isinstance(head, nn.Module) else ()
-        classifier = [m for m in heads if isinstance(m, (nn.Linear, nn.Conv2d))]
-    else:
-        classifier = [m for m in model.modules() if isinstance(m, nn.Linear)][-1:]
-    stem = next((m for m in model.modules() if isinstance(m, nn.Conv2d)), None)
-    return classifier, [stem] if stem is not None else []

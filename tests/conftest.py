@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import copy
 import os
 from pathlib import Path
 
@@ -13,6 +14,17 @@ ROOT = Path(__file__).resolve().parent.parent
 CIFAR_SUBSET = ROOT.parent / "shared" / "data" / "cifar10-subset"
 
 torch.set_num_threads(min(2, os.cpu_count() or 1))
+TIERS = ("unit", "integration", "slow")
+
+
+def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
+    """Tiers (docs/architecture.md): a test not marked ``unit`` or ``slow`` is ``integration``; ``gpu`` tests
+    skip without CUDA."""
+    for item in items:
+        if not any(item.get_closest_marker(t) for t in TIERS):
+            item.add_marker(pytest.mark.integration)
+        if item.get_closest_marker("gpu") and not torch.cuda.is_available():
+            item.add_marker(pytest.mark.skip(reason="needs a CUDA device"))
 
 
 @pytest.fixture(autouse=True)
@@ -52,8 +64,6 @@ def write_recipe(tmp_path: Path):
 
 @pytest.fixture
 def tiny_recipe() -> dict:
-    import copy
-
     return copy.deepcopy(TINY_RECIPE)
 
 

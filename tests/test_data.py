@@ -12,14 +12,9 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from prunebench.data import (
-    CIFAR10_MEAN,
-    IMAGENET_MEAN,
-    DataModule,
-    TensorSplit,
-    crop_flip,
-    load_data,
-)
+from prunebench.data import _read_pickle, load_data
+from prunebench.datamodule import CIFAR10_MEAN, IMAGENET_MEAN, DataModule, TensorSplit, crop_flip
+from prunebench.imagefolder import SeededCrops
 from prunebench.errors import UserError
 from prunebench.recipe import DataConfig
 
@@ -473,7 +468,6 @@ def test_seeded_crops_follow_torchvision_random_resized_crop() -> None:
     from PIL import Image
     from torchvision.transforms import RandomResizedCrop
 
-    from prunebench.data import SeededCrops
 
     def stats(boxes: list[tuple[int, int, int, int]], width: int, height: int) -> tuple[float, ...]:
         area = sum(h * w for _, _, h, w in boxes) / len(boxes) / (width * height)
@@ -507,7 +501,6 @@ def test_cifar_reader_refuses_code_in_pickles(tmp_path) -> None:
     import os
     import pickle
 
-    from prunebench.data import _read_pickle
 
     marker = tmp_path / "pwned"
 

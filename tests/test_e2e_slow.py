@@ -15,7 +15,7 @@ import pytest
 
 from conftest import CIFAR_SUBSET, ROOT
 
-pytestmark = pytest.mark.slow
+pytestmark = [pytest.mark.slow, pytest.mark.timeout(3600)]
 
 
 def _cells(db: Path, experiment: str) -> list:

@@ -16,11 +16,10 @@ from prunebench.models import (
     CifarResNet,
     ShortcutA,
     ShortcutAPruner,
-    classifier_and_stem,
     create_model,
     list_models,
-    tp_customized_pruners,
 )
+from prunebench.groups import classifier_and_stem, customized_pruners
 from prunebench.recipe import ModelConfig
 
 CIFAR = timm.list_models("*_cifar")
@@ -53,7 +52,7 @@ def _conv_fc_macs(model: nn.Module, size: int = 32) -> int:
 
 
 def _graph(model: nn.Module, custom: bool = True) -> tp.DependencyGraph:
-    kwargs = {"customized_pruners": tp_customized_pruners()} if custom else {}
+    kwargs = {"customized_pruners": customized_pruners()} if custom else {}
     return tp.DependencyGraph().build_dependency(model, example_inputs=torch.randn(1, 3, 32, 32), **kwargs)
 
 
