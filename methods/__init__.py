@@ -1,4 +1,4 @@
-"""Built-in method plugins, one file each, imported by this explicit list (see docs/design.md).
+"""Built-in method plugins, one file each, imported by this explicit list (see docs/architecture.md).
 
 Installed as ``prunebench.methods``. Third-party methods do not go here: they register through the
 ``prunebench.methods`` entry-point group or a plugin file named in a recipe.

@@ -28,15 +28,15 @@ optimizer's step on it is shorter than ``lr * lambda``.
 from __future__ import annotations
 
 from collections.abc import Sequence
-from dataclasses import dataclass
-from typing import ClassVar, Literal
+from typing import ClassVar, Generic, Literal, TypeVar
 
 import torch
 from pydantic import Field
 from torch import Tensor, nn
 
-from prunebench.groups import GroupMember, Part, PrunableGroup
+from prunebench.groups import Part, PrunableGroup
 from prunebench.method import LambdaParams, PruningMethod
+from prunebench.norms import GroupSlices, group_slices
 
 # sqrt(||G||^2 + EPS): a bias of 1e-6 per group in the penalty, gradient norm <= 1 everywhere.
 EPS = 1e-12
@@ -54,91 +54,6 @@ class GroupSparsityParams(LambdaParams):
     mode: Literal["loss", "proximal"] = Field(
         "loss", description="'loss': penalty in the loss; 'proximal': group soft-thresholding after each step"
     )
-
-
-@dataclass(frozen=True, eq=False)
-class ChannelSlice:
-    """One tensor's share of a group: ``param``'s entries along ``dim`` at ``index``, ``m`` per channel.
-
-    ``index`` is the flattened ``idxs`` of a :class:`~prunebench.groups.GroupMember` (channel ``c`` owns
-    ``index[c*m:(c+1)*m]``), already on the parameter's device.
-    """
-
-    param: Tensor
-    dim: int
-    index: Tensor
-    m: int
-
-    @property
-    def reduce_dims(self) -> tuple[int, ...]:
-        return tuple(d for d in range(self.param.dim()) if d != self.dim)
-
-    def sq_norms(self) -> Tensor:
-        """Per-channel sum of squares, shape ``[size]`` (differentiable).
-
-        Reduces the whole tensor to one value per index along ``dim`` first, then gathers: no copy of
-        the selected slices is made.
-        """
-        p = self.param
-        per_index = p.square().sum(self.reduce_dims) if p.dim() > 1 else p.square()
-        return per_index.index_select(0, self.index).view(-1, self.m).sum(1)
-
-    def l1_norms(self) -> Tensor:
-        """Per-channel sum of absolute values, shape ``[size]`` (differentiable)."""
-        p = self.param
-        per_index = p.abs().sum(self.reduce_dims) if p.dim() > 1 else p.abs()
-        return per_index.index_select(0, self.index).view(-1, self.m).sum(1)
-
-    @torch.no_grad()
-    def scale_(self, factor: Tensor) -> None:
-        """Multiply channel ``c``'s entries by ``factor[c]`` in place (one multiply of the tensor)."""
-        p = self.param
-        mult = torch.ones(p.shape[self.dim], device=p.device, dtype=p.dtype)
-        mult.index_copy_(0, self.index, factor.to(p.dtype)[:, None].expand(-1, self.m).reshape(-1))
-        shape = [1] * p.dim()
-        shape[self.dim] = -1
-        p.mul_(mult.view(shape))
-
-
-@dataclass(eq=False)
-class GroupPlan:
-    """A :class:`PrunableGroup` restricted to one part, as precomputed slices (see :func:`plan_group`)."""
-
-    group: PrunableGroup
-    slices: list[ChannelSlice]
-
-    def sq_norms(self) -> Tensor:
-        """Per-channel squared L2 norm of the planned part of the group, shape ``[size]``."""
-        total = self.slices[0].sq_norms()
-        for s in self.slices[1:]:
-            total = total + s.sq_norms()
-        return total
-
-    @torch.no_grad()
-    def scale_(self, factor: Tensor) -> None:
-        """Scale every slice of channel ``c`` by ``factor[c]`` (jointly: the whole group)."""
-        for s in self.slices:
-            s.scale_(factor)
-
-
-def member_slice(member: GroupMember, param: Tensor, dim: int) -> ChannelSlice:
-    """The slice of ``param`` (one of ``member``'s tensors) along ``dim`` that the member's channels own."""
-    m = member.idxs.shape[1] if member.idxs.dim() == 2 else 1
-    index = member.idxs.reshape(-1).to(device=param.device, dtype=torch.long)
-    return ChannelSlice(param, dim, index, m)
-
-
-def plan_group(group: PrunableGroup, part: Part) -> GroupPlan:
-    """Precompute the slices of ``group.part(part)``; identical (tensor, dim, indices) triples count once."""
-    slices: list[ChannelSlice] = []
-    for member in group.part(part):
-        for p, dim in member.params():
-            new = member_slice(member, p, dim)
-            if not any(s.param is p and s.dim == dim and torch.equal(s.index, new.index) for s in slices):
-                slices.append(new)
-    if not slices:
-        raise ValueError(f"group {group.name!r} has no learnable tensors in part {part!r}")
-    return GroupPlan(group, slices)
 
 
 def safe_norms(sq: Tensor) -> Tensor:
@@ -179,28 +94,31 @@ def owl_prox(v: Tensor, w: Tensor) -> Tensor:
     return torch.empty_like(x).scatter_(0, order, x)
 
 
-class GroupSparsityMethod(PruningMethod):
+GP = TypeVar("GP", bound=GroupSparsityParams)
+
+
+class GroupSparsityMethod(PruningMethod[GP], Generic[GP]):
     """An L2,1 (group lasso) or GrOWL regularizer over per-channel groups of one part of each group.
 
     Subclasses set :attr:`part` (which members form a channel's group) and :meth:`score`; a subclass
     that supports GrOWL overrides :meth:`growl_w_min`.
     """
 
-    Params: ClassVar[type[GroupSparsityParams]] = GroupSparsityParams
+    Params = GroupSparsityParams
     part: ClassVar[Part] = "all"
 
-    def __init__(self, params: GroupSparsityParams | None = None) -> None:
+    def __init__(self, params: GP | None = None) -> None:
         super().__init__(params)
-        self.plans: list[GroupPlan] = []
+        self.plans: list[GroupSlices] = []
         self.rank_weights: list[Tensor | None] = []
 
     @property
     def lam(self) -> float:
-        return float(self.params.lambda_)  # type: ignore[attr-defined]
+        return float(self.params.lambda_)
 
     @property
     def mode(self) -> str:
-        return str(self.params.mode)  # type: ignore[attr-defined]
+        return str(self.params.mode)
 
     def growl_w_min(self) -> float | None:
         """The smallest GrOWL weight, or ``None`` for the plain L2,1 norm (the default)."""
@@ -209,7 +127,7 @@ class GroupSparsityMethod(PruningMethod):
     def attach(self, model: nn.Module, groups: Sequence[PrunableGroup]) -> None:
         super().attach(model, groups)
         w_min = self.growl_w_min()
-        self.plans = [plan_group(g, self.part) for g in self.groups]
+        self.plans = [group_slices(g, self.part) for g in self.groups]
         self.rank_weights = [
             None if w_min is None else growl_weights(g.size, w_min, plan.slices[0].param.device)
             for g, plan in zip(self.groups, self.plans)

@@ -31,7 +31,8 @@ from pydantic import Field
 from torch import Tensor
 
 from prunebench.groups import Part, PrunableGroup
-from prunebench.methods._group_sparsity import GroupSparsityMethod, GroupSparsityParams, member_slice, plan_group
+from prunebench.methods._group_sparsity import GroupSparsityMethod, GroupSparsityParams
+from prunebench.norms import group_slices, member_slice
 from prunebench.registry import register_method
 
 
@@ -45,16 +46,15 @@ class GroupLassoParams(GroupSparsityParams):
 
 
 @register_method("group_lasso")
-class GroupLasso(GroupSparsityMethod):
+class GroupLasso(GroupSparsityMethod[GroupLassoParams]):
     description = "group lasso on the root layer's out-channels (Wen et al. 2016, SSL), regularized-group norm importance"
-    Params = GroupLassoParams
     normalize = "max"
     part: ClassVar[Part] = "root"
 
     def score(self, group: PrunableGroup) -> Tensor:
         """``||[W^l[i], b^l_i, gamma_i, beta_i]||_2`` (``score: group``) or ``||W^l[i]||_2`` (``score: filter``)."""
-        if self.params.score == "group":  # type: ignore[attr-defined]
-            return plan_group(group, "root").sq_norms().detach().sqrt()
+        if self.params.score == "group":
+            return group_slices(group, "root").sq_norms().detach().sqrt()
         root = next((m for m in group.part("out") if m.module is group.root), None)
         if root is None:
             raise ValueError(f"group {group.name!r} has no member for its root layer")

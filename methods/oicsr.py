@@ -15,7 +15,7 @@ then its group energy ``||G_i||^2``, statistics of two consecutive layers rather
 Choices the paper leaves open, and ours:
 
 * BatchNorm: the paper's group concatenates the two weight slices; we add the channel's BN gamma and beta
-  (docs/design.md), because a zero filter with a non-zero beta still feeds the next layer.
+  (docs/methods.md), because a zero filter with a non-zero beta still feeds the next layer.
 * GrOWL weights: we use the OSCAR linear decay, the common GrOWL choice (Oswal et al. 2016; Zhang et
   al. 2018), parametrized by ``growl_min`` (smallest / largest weight, default 0.5), and rank the group
   norms within one layer's prunable group, so that ``lambda`` keeps one meaning across layers of
@@ -28,7 +28,7 @@ Choices the paper leaves open, and ours:
   recipe's 40 epochs at lr 0.01, 352 steps each, SGD momentum 0.9 -- can act: the L2,1 (sub)gradient of
   norm ``lambda`` per group, amplified by momentum to ``lambda/(1-0.9)`` per unit of learning rate, shrinks
   a group by at most ``sum(lr) * lambda / (1-mu) = 140.8 * 2e-3 * 10 = 2.8`` over the stage: a
-  ``sparsity_pull`` of 1.4 for a median out-in group norm of about 2 (docs/design.md, "Fairness protocol"). At the former
+  ``sparsity_pull`` of 1.4 for a median out-in group norm of about 2 (docs/fairness.md). At the former
   1e-4 the pull was 0.07 and weight decay pulled harder than the penalty. A shorter stage needs a larger
   ``lambda`` (``prunebench run`` warns below pull 0.5); ``prunebench tune`` searches the range where the
   recipe's own stage reaches pull 0.5 to 16.
@@ -50,7 +50,8 @@ from pydantic import Field
 from torch import Tensor
 
 from prunebench.groups import Part, PrunableGroup
-from prunebench.methods._group_sparsity import GroupSparsityMethod, GroupSparsityParams, plan_group
+from prunebench.methods._group_sparsity import GroupSparsityMethod, GroupSparsityParams
+from prunebench.norms import group_slices
 from prunebench.registry import register_method
 
 
@@ -64,16 +65,14 @@ class OICSRParams(GroupSparsityParams):
 
 
 @register_method("oicsr")
-class OICSR(GroupSparsityMethod):
+class OICSR(GroupSparsityMethod[OICSRParams]):
     description = "OICSR (Li et al. 2019): group sparsity over out-channel + consumers' in-channel, group energy"
-    Params = OICSRParams
     normalize = "max"
     part: ClassVar[Part] = "all"
 
     def growl_w_min(self) -> float | None:
-        p: OICSRParams = self.params  # type: ignore[assignment]
-        return p.growl_min if p.variant == "growl" else None
+        return self.params.growl_min if self.params.variant == "growl" else None
 
     def score(self, group: PrunableGroup) -> Tensor:
         """Out-in-channel energy ``||G_i||^2`` over every member of the group."""
-        return plan_group(group, "all").sq_norms().detach()
+        return group_slices(group, "all").sq_norms().detach()

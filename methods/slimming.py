@@ -13,7 +13,7 @@ Choices the paper leaves open, and ours:
   scratch at lr 0.1; from a trained network over the reference sparsity stage (the paper-scale CIFAR-10
   recipe: 40 epochs at lr 0.01, 352 steps each, momentum 0.9) it would shrink a gamma by at most
   ``sum(lr) * lambda / (1-mu) = 140.8 * 1e-5 * 10 = 0.014``: nothing. 1e-3 gives 1.4, a
-  ``sparsity_pull`` of about 1.6 for a median ``|gamma|`` of 0.9 (docs/design.md, "Fairness protocol"). Tune it for other
+  ``sparsity_pull`` of about 1.6 for a median ``|gamma|`` of 0.9 (docs/fairness.md). Tune it for other
   schedules (``prunebench tune``); ``prunebench run`` warns below pull 0.5.
 * Which BNs: only the norm layer of every prunable group (``group.norm_layer()``). BNs outside the
   prunable groups (e.g. on residual streams under ``scope: internal``) are never pruned, so pushing their
@@ -35,7 +35,7 @@ from torch import Tensor, nn
 
 from prunebench.groups import PrunableGroup
 from prunebench.method import LambdaParams, PruningMethod
-from prunebench.methods._group_sparsity import member_slice
+from prunebench.norms import member_slice
 from prunebench.registry import register_method
 
 
@@ -49,9 +49,8 @@ class SlimmingParams(LambdaParams):
 
 
 @register_method("slimming")
-class NetworkSlimming(PruningMethod):
+class NetworkSlimming(PruningMethod[SlimmingParams]):
     description = "Network Slimming (Liu et al. 2017): L1 on BN gamma, |gamma| importance, one global threshold"
-    Params = SlimmingParams
     normalize = None
 
     def attach(self, model: nn.Module, groups: Sequence[PrunableGroup]) -> None:
@@ -61,7 +60,7 @@ class NetworkSlimming(PruningMethod):
 
     def after_backward(self) -> None:
         """``gamma.grad += lambda * sign(gamma)`` for the norm layer of every prunable group."""
-        lam = float(self.params.lambda_)  # type: ignore[attr-defined]
+        lam = float(self.params.lambda_)
         if lam == 0:
             return
         for gamma in self.gammas:
@@ -77,14 +76,14 @@ class NetworkSlimming(PruningMethod):
 
     def pull_per_lr(self, momentum: float) -> float:
         """``lambda / (1 - momentum)``: the subgradient goes through SGD's momentum."""
-        return float(self.params.lambda_) / (1.0 - momentum)  # type: ignore[attr-defined]
+        return float(self.params.lambda_) / (1.0 - momentum)
 
     @torch.no_grad()
     def regularizer_value(self) -> Tensor | None:
         """``lambda * sum |gamma|`` (a subgradient, never a loss term)."""
         if not self.gammas:
             return None
-        return float(self.params.lambda_) * torch.stack([g.abs().sum() for g in self.gammas]).sum()  # type: ignore[attr-defined]
+        return float(self.params.lambda_) * torch.stack([g.abs().sum() for g in self.gammas]).sum()
 
     def score(self, group: PrunableGroup) -> Tensor:
         """``|gamma_i|`` of the group's norm layer; the root filter's L1 norm if there is none."""

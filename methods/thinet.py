@@ -65,12 +65,11 @@ class ThiNetParams(MethodParams):
 
 
 @register_method("thinet")
-class ThiNet(PruningMethod):
+class ThiNet(PruningMethod[ThiNetParams]):
     description = "ThiNet (Luo et al. 2017): greedy next-layer reconstruction + least-squares rescaling"
-    Params = ThiNetParams
     uniform = True
 
-    def __init__(self, params: MethodParams | None = None) -> None:
+    def __init__(self, params: ThiNetParams | None = None) -> None:
         super().__init__(params)
         self._stats: dict[PrunableGroup, Tensor | None] = {}
         self._stats_for: tuple[nn.Module, list[Tensor]] | None = None

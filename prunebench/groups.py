@@ -13,8 +13,7 @@ Channel ``c`` of the group (``0 <= c < size``) owns ``idxs[c, :]`` of every memb
 (``idxs`` has shape ``[size, 1]``), several where a flatten maps one channel onto several features.
 
 This *is* OICSR's out-in-channel group; single-layer group lasso uses only the ``"out"`` members of the
-root layer. Helpers here compute per-channel norms of the whole group or a part of it, vectorized over
-the channels so that regularizers cost a handful of tensor ops per group, not a Python loop per channel.
+root layer. Per-channel norms of a group or a part of it are :mod:`prunebench.norms`.
 """
 
 from __future__ import annotations
@@ -61,19 +60,6 @@ class GroupMember:
     def is_norm(self) -> bool:
         return isinstance(self.module, NORM_TYPES)
 
-    def sq_norms(self) -> Tensor:
-        """Per-channel sum of squares of this member's weights, shape ``[size]`` (differentiable)."""
-        total: Tensor | None = None
-        flat = self.idxs.reshape(-1)
-        for p, dim in self.params():
-            sel = p.index_select(dim, flat.to(p.device))
-            sel = sel.movedim(dim, 0).reshape(self.idxs.shape[0], -1)
-            s = sel.pow(2).sum(1)
-            total = s if total is None else total + s
-        if total is None:
-            return torch.zeros(self.idxs.shape[0])
-        return total
-
 
 @dataclass(eq=False)
 class PrunableGroup:
@@ -106,13 +92,6 @@ class PrunableGroup:
             norm = next((m for m in outs if m.is_norm), None)
             return root + ([norm] if norm is not None else [])
         return [m for m in self.members if m.kind == part]
-
-    def sq_norms(self, part: Part = "all") -> Tensor:
-        """Per-channel squared L2 norm of the group's weights restricted to ``part``, shape ``[size]``."""
-        total = torch.zeros(self.size, device=self.device)
-        for m in self.part(part):
-            total = total + m.sq_norms().to(total.device)
-        return total
 
     def consumers(self) -> list[GroupMember]:
         """The ``in`` members that are convolutions or linear layers (what reads this group's output)."""
@@ -181,7 +160,8 @@ def index_mapping_refresh_skipped() -> Iterator[None]:
 
     ``get_pruning_group`` recomputes every concat/split index mapping before each group, in case the
     graph was pruned since; while enumerating, nothing is pruned and ``build_dependency`` has just
-    computed them, so the refresh is redundant -- and it is 85% of the time on DenseNet-121 (seconds).
+    computed them, so the refresh is redundant -- and it dominates the time on concatenation-heavy
+    networks such as DenseNet.
     The original function is always restored.
     """
     original = index_mapping.update_index_mapping

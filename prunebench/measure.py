@@ -2,7 +2,7 @@
 
 fvcore's ``FlopCountAnalysis`` counts one multiply-add as one "flop", so its total is what we call
 ``macs``. It also counts BatchNorm and adaptive pooling; papers quote conv and linear multiply-adds only,
-so :func:`count_macs` reports both (``macs`` and ``macs_conv_fc``, docs/design.md "MACs and parameters").
+so :func:`count_macs` reports both (``macs`` and ``macs_conv_fc``, docs/fairness.md).
 The per-module counts (``by_module``) feed the pruning engine's cost model, which scales them with
 channel counts instead of re-tracing the model for every channel it removes.
 """
@@ -20,6 +20,10 @@ from dataclasses import dataclass, field
 
 import torch
 from torch import Tensor, nn
+
+with warnings.catch_warnings():  # fvcore's imports warn about deprecated iopath/portalocker usage
+    warnings.simplefilter("ignore")
+    from fvcore.nn import FlopCountAnalysis, parameter_count
 
 _CONV_FC = (nn.modules.conv._ConvNd, nn.Linear)
 
@@ -56,8 +60,6 @@ def count_macs(model: nn.Module, example_input: Tensor) -> MacsReport:
     device = next(model.parameters()).device
     with _eval_no_grad(model), warnings.catch_warnings(), _quiet_fvcore():
         warnings.simplefilter("ignore")  # jit tracer and deprecation warnings
-        from fvcore.nn import FlopCountAnalysis, parameter_count
-
         analysis = FlopCountAnalysis(model, (example_input.to(device),))
         analysis.unsupported_ops_warnings(False).uncalled_modules_warnings(False).tracer_warnings("none")
         total = int(analysis.total())
@@ -110,9 +112,8 @@ def latency_ready(model: nn.Module, device: str | torch.device) -> nn.Module:
     channels_last on every device, the CPU included, as a deployment would choose: oneDNN runs NHWC
     convolutions directly (brgemm kernels), while an NCHW input is reordered to a channel-blocked layout
     before every convolution and back after it, with the channel count padded up to the vector width
-    (8 floats on AVX2). On the development machine (2 AVX2 cores) the dense resnet56_cifar runs about
-    12% faster at batch 128; a pruned 16->9 channel convolution at batch 128 on one thread took 30 ms in
-    NCHW (6 ms of it reorders) and 9 ms in NHWC (oneDNN's verbose log). The caller's model is left as it was.
+    (8 floats on AVX2), which costs most on the odd widths pruning leaves (``prunebench bench`` measures it:
+    reports/perf/). The caller's model is left as it was.
     """
     net = copy.deepcopy(model).to(device).eval()
     return net.to(memory_format=torch.channels_last)

@@ -19,7 +19,7 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import ClassVar, Literal
+from typing import ClassVar, Generic, Literal, TypeVar, get_args
 
 from pydantic import BaseModel, ConfigDict, Field
 from torch import Tensor, nn
@@ -54,14 +54,20 @@ class Calibration:
     batches: list[Tensor]
 
 
-class PruningMethod:
+P = TypeVar("P", bound=MethodParams)
+
+
+class PruningMethod(Generic[P]):
     """Base class of every pruning method (see the module docstring for the hook order).
+
+    Generic over its parameter model: ``class MyMethod(PruningMethod[MyParams])`` sets ``Params`` to
+    ``MyParams`` and types ``self.params`` as ``MyParams`` (a plain ``PruningMethod`` has no parameters).
 
     Class attributes a subclass sets:
 
     * ``name`` -- filled in by :func:`prunebench.register_method`;
     * ``description`` -- one line for ``prunebench methods``;
-    * ``Params`` -- a :class:`MethodParams` subclass (default: no parameters);
+    * ``Params`` -- set from the generic argument (or assigned explicitly); default: no parameters;
     * ``normalize`` -- how the engine normalizes scores within a layer before the global ranking:
       ``None`` (compare raw scores across layers), ``"max"`` or ``"sum"``;
     * ``uniform`` -- ``True`` to remove the same fraction of every group (chosen so the network meets
@@ -74,8 +80,19 @@ class PruningMethod:
     normalize: ClassVar[Literal["max", "sum"] | None] = None
     uniform: ClassVar[bool] = False
 
-    def __init__(self, params: MethodParams | None = None) -> None:
-        self.params = params if params is not None else self.Params()
+    params: P
+
+    def __init_subclass__(cls, **kwargs: object) -> None:
+        super().__init_subclass__(**kwargs)
+        if "Params" in cls.__dict__:
+            return
+        for base in cls.__dict__.get("__orig_bases__", ()):
+            args = [a for a in get_args(base) if isinstance(a, type) and issubclass(a, MethodParams)]
+            if args:
+                cls.Params = args[0]
+
+    def __init__(self, params: P | None = None) -> None:
+        self.params = params if params is not None else self.Params()  # type: ignore[assignment]
         self.model: nn.Module | None = None
         self.groups: list[PrunableGroup] = []
 
@@ -99,7 +116,7 @@ class PruningMethod:
     def on_epoch_end(self, epoch: int) -> None:
         """Called at the end of every sparsity-training epoch."""
 
-    # -- sparsity diagnostics (methods with a regularizer; see docs/design.md) -------------------
+    # -- sparsity diagnostics (methods with a regularizer; see docs/fairness.md) -----------------
     def regularized_norms(self) -> list[Tensor]:
         """Per group, the norm of every channel's regularized weights: what the regularizer drives to zero
         (OICSR: the out-in group; slimming: ``|gamma|``). Empty for a method without a sparsity regularizer,

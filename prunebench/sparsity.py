@@ -1,4 +1,4 @@
-"""Sparsity diagnostics: can a method's regularizer act, and did it? (docs/design.md, "Fairness protocol": "A regularizer
+"""Sparsity diagnostics: can a method's regularizer act, and did it? (docs/fairness.md: "A regularizer
 must be able to act").
 
 Three figures for every regularized cell (a method whose :meth:`~prunebench.method.PruningMethod.

@@ -17,17 +17,8 @@ import pytest
 import torch
 from torch import Tensor, nn
 
-from prunebench.engine import (
-    MacsCostModel,
-    _steps,
-    budget_tolerance,
-    cut,
-    group_caps,
-    layer_cap,
-    plan_global,
-    prune_to_target,
-    score_groups,
-)
+from prunebench.budget import MacsCostModel, budget_tolerance, count_steps, group_caps, layer_cap
+from prunebench.engine import cut, plan_global, prune_to_target, score_groups
 from prunebench.groups import PrunableGroup, build_groups
 from prunebench.measure import count_macs
 from prunebench.method import Calibration, PruningMethod
@@ -243,9 +234,9 @@ def test_iterative_cap_is_a_fraction_of_the_dense_width(with_dense_widths: bool)
 
 def test_steps_take_and_give_back_whole_chunks() -> None:
     # 20 channels, round_to 8: removed counts 0, 4, 12 (kept 20, 16, 8); the cap keeps 8
-    assert _steps(20, 4, 12, 8, 4) == ([4, 12, 0], [0, 1, 1])
-    assert _steps(20, 12, 12, 8, 4) == ([12, 4, 0], [0, 1, 2])
-    assert _steps(6, 2, 4, None, 3) == ([2, 3, 1, 4, 0], [0, 1, 1, 2, 2])
+    assert count_steps(20, 4, 12, 8, 4) == ([4, 12, 0], [0, 1, 1])
+    assert count_steps(20, 12, 12, 8, 4) == ([12, 4, 0], [0, 1, 2])
+    assert count_steps(6, 2, 4, None, 3) == ([2, 3, 1, 4, 0], [0, 1, 1, 2, 2])
 
 
 def test_plan_global_defaults_match_prune_to_target() -> None:

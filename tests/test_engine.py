@@ -15,7 +15,8 @@ import timm
 import torch
 from torch import Tensor, nn
 
-from prunebench.engine import MacsCostModel, cut, layer_cap, plan_global, prune_to_target, score_groups
+from prunebench.budget import MacsCostModel, layer_cap
+from prunebench.engine import cut, plan_global, prune_to_target, score_groups
 from prunebench.errors import UserError
 from prunebench.groups import PrunableGroup, build_groups
 from prunebench.measure import count_macs
@@ -102,12 +103,12 @@ def test_prune_to_target(method_name: str, model_name: str) -> None:
     assert all(p.grad is not None for p in model.parameters() if p.requires_grad)
 
 
-def test_resnet56_is_fast() -> None:
+def test_resnet56_prunes_to_half_the_macs() -> None:
+    """Its time budget is the engine_s target of `prunebench bench` (no wall-clock assert in a test)."""
     model, x = make("resnet56_cifar")
     res = prune_to_target(model, available_methods()["l1"](), 0.5, x)
     work = res.timings["groups"] + res.timings["plan"] + res.timings["cut"]
     print(f"resnet56 -> 50%: {work:.2f} s pruning + {res.timings['count']:.2f} s fvcore; achieved {res.macs_reduction:.4f}")
-    assert work < 3.0
     assert abs(res.macs_reduction - 0.5) <= TOL
 
 
