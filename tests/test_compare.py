@@ -14,22 +14,26 @@ import argparse
 import io
 import json
 import shutil
+import socket
 import time
-from html.parser import HTMLParser
 from dataclasses import dataclass, field
+from html.parser import HTMLParser
 from pathlib import Path
 
 import numpy as np
 import pandas as pd
 import pytest
+from mlflow.entities import Metric, Param, RunTag
+from mlflow.tracking import MlflowClient
 from scipy import stats
 
-from prunebench.commands.compare import compare
+from prunebench import cli
+from prunebench.cli import compare as cli_compare
+from prunebench.commands.compare import FORMATS
+from prunebench.commands.compare.artifacts import load_norms
+from prunebench.commands.compare.reading import select
+from prunebench.commands.compare.report import build
 from prunebench.errors import UserError
-
-pytest.importorskip("mlflow")
-from mlflow.entities import Metric, Param, RunTag  # noqa: E402
-from mlflow.tracking import MlflowClient  # noqa: E402
 
 EXPERIMENT = "handmade"
 METHODS = ("l1", "oicsr")
@@ -169,13 +173,13 @@ def store(tmp_path_factory: pytest.TempPathFactory) -> Store:
 
 def _parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="prunebench")
-    compare.add_parser(parser.add_subparsers(dest="command"))
+    cli_compare.add_parser(parser.add_subparsers(dest="command"))
     return parser
 
 
 def _compare(store: Store, *argv: str, capsys: pytest.CaptureFixture[str]) -> str:
     args = _parser().parse_args(["compare", "--tracking-uri", store.uri, *argv])
-    assert compare.run(args) == 0
+    assert cli_compare.run(args) == 0
     return capsys.readouterr().out
 
 
@@ -409,8 +413,8 @@ def test_out_dir_writes_tables_and_valid_pngs(store: Store, capsys: pytest.Captu
 def test_norms_plot_reads_the_first_seed_and_is_skipped_without_artifacts(
         store: Store, capsys: pytest.CaptureFixture[str], tmp_path: Path) -> None:
     client = MlflowClient(store.uri)
-    comp = compare.build(client, compare.select(client, store.uri))
-    norms, notes = compare.load_norms(client, comp.cells[comp.cells["target"] == 0.6])
+    comp = build(client, select(client, store.uri))
+    norms, notes = load_norms(client, comp.cells[comp.cells["target"] == 0.6])
     assert notes == [] and set(norms["method_label"]) == {"oicsr"} and set(norms["seed"]) == {min(SEEDS)}
     for stage in ("start", "end"):
         values = norms[norms["stage"] == stage].sort_values("rank")["value"].to_numpy()
@@ -469,95 +473,13 @@ def test_missing_store_is_not_created(tmp_path: Path, monkeypatch: pytest.Monkey
     monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
     args = _parser().parse_args(["compare"])
     with pytest.raises(UserError, match=r"no MLflow tracking store at sqlite:///.*mlflow\.db.*does not exist"):
-        compare.run(args)
+        cli_compare.run(args)
     assert not (tmp_path / "mlflow.db").exists()
 
 
 def test_cli_exit_status_2_on_empty_selection(store: Store, capsys: pytest.CaptureFixture[str]) -> None:
-    cli = pytest.importorskip("prunebench.cli")
     status = cli.main(["compare", "--tracking-uri", store.uri, "--filter", "params.method = 'thinet'"])
     assert status == 2
-
-
-Seeded = dict[str, dict[int, float]]  # method label -> seed -> test top-1
-
-
-def _cells(values: Seeded, target: float = 0.5) -> pd.DataFrame:
-    rows = [{"model": "m", "dataset": "d", "method": k, "method_label": k, "target": target, "seed": seed,
-             "test_top1": v} for k, vs in values.items() for seed, v in vs.items()]
-    return pd.DataFrame(rows)
-
-
-def _seeded(**lists: list[float]) -> Seeded:
-    return {k: dict(enumerate(vs)) for k, vs in lists.items()}
-
-
-def _expected(values: Seeded, test: str | None) -> tuple[float, float]:
-    """(t, p) computed here with scipy on the values in %: paired by seed, or Welch's on the values."""
-    a, b = values["a"], values["b"]
-    if test == "paired t-test":
-        seeds = sorted(a)
-        res = stats.ttest_rel([a[s] * 100 for s in seeds], [b[s] * 100 for s in seeds])
-    else:
-        res = stats.ttest_ind([v * 100 for v in a.values()], [v * 100 for v in b.values()], equal_var=False)
-    return res.statistic, res.pvalue
-
-
-@pytest.mark.parametrize(
-    ("values", "test", "verdict"),
-    [
-        (_seeded(a=[0.91, 0.93, 0.92], b=[0.80, 0.81, 0.79]), "paired t-test", "larger than seed noise"),
-        (_seeded(a=[0.91, 0.80, 0.95], b=[0.90, 0.82, 0.93]), "paired t-test", "within seed noise"),
-        # the values vary a lot between seeds but the per-seed lead hardly: only pairing sees it
-        (_seeded(a=[0.91, 0.80, 0.95, 0.70], b=[0.90, 0.79, 0.935, 0.69]), "paired t-test", "larger than seed noise"),
-        ({"a": {0: 0.91, 1: 0.80, 2: 0.95}, "b": {0: 0.90, 1: 0.82, 3: 0.93}}, "Welch's t-test", "within seed noise"),
-        ({"a": {0: 0.91, 1: 0.93, 2: 0.92}, "b": {1: 0.80, 2: 0.81, 3: 0.79, 4: 0.8}}, "Welch's t-test",
-         "larger than seed noise"),
-    ],
-)
-def test_significance_pairs_by_seed_and_matches_scipy(values: Seeded, test: str, verdict: str) -> None:
-    row = compare.significance(_cells(values)).iloc[0]
-    assert row["best"] == "a" and row["runner_up"] == "b" and row["test"] == test and verdict in row["verdict"]
-    t, p = _expected(values, test)
-    assert row["statistic"] == pytest.approx(t) and row["p_value"] == pytest.approx(p)
-    assert row["n"] == (len(values["a"]) if test == "paired t-test" else len(values["a"]) + len(values["b"]))
-    assert row["n_common"] == len(set(values["a"]) & set(values["b"]))
-    mean = {k: np.mean(list(v.values())) * 100 for k, v in values.items()}
-    assert row["lead_pp"] == pytest.approx(mean["a"] - mean["b"])
-
-
-@pytest.mark.parametrize(
-    ("values", "verdict"),
-    [
-        # the same lead on every seed: t = lead / 0, and scipy would print p = 0 (or a tiny p from rounding)
-        (_seeded(a=[0.5, 0.6, 0.7], b=[0.25, 0.35, 0.45]), "identical per-seed differences"),
-        (_seeded(a=[0.91, 0.93], b=[0.81, 0.83]), "identical per-seed differences"),
-        (_seeded(a=[0.5, 0.5], b=[0.25, 0.25]), "identical per-seed differences"),
-        ({"a": {0: 0.5, 1: 0.5}, "b": {0: 0.25, 2: 0.25}}, "no seed-to-seed variation on either side"),
-        (_seeded(a=[0.9], b=[0.8]), "n < 2 common seeds: no significance statement"),
-        ({"a": {0: 0.9}, "b": {0: 0.8, 1: 0.7}}, "n < 2 on one side: no significance statement"),
-        (_seeded(a=[0.9, 0.8]), "only one method"),
-    ],
-)
-def test_significance_makes_no_statement_without_noise_estimate(values: Seeded, verdict: str) -> None:
-    row = compare.significance(_cells(values)).iloc[0]
-    assert row["best"] == "a" and verdict in row["verdict"]
-    assert np.isnan(row["p_value"]) and np.isnan(row["statistic"])
-    comp = compare.Comparison(compare.Selection("sqlite:///x.db", "e", "1"), _cells(values).assign(
-        stage_epochs=None), pd.DataFrame({"model": ["m"], "dataset": ["d"]}), pd.DataFrame([row]), [])
-    assert "p = " not in "\n".join(compare.verdict_lines(comp))
-
-
-def test_vs_best_pairs_common_seeds() -> None:
-    """With different seed sets, 'vs best' averages the per-seed differences over the common seeds only."""
-    values = {"a": {0: 0.91, 1: 0.93, 2: 0.92}, "b": {1: 0.80, 2: 0.83, 3: 0.5}}
-    cells = _cells(values).assign(**{k: np.nan for k in (*compare.FINAL_METRICS, *compare.OPTIONAL_METRICS)
-                                     if k != "test_top1"})
-    table = compare.aggregate(cells)
-    b = table[table["method_label"] == "b"].iloc[0]
-    diff = np.array([0.80 - 0.93, 0.83 - 0.92]) * 100
-    assert b["vs_best_pp"] == pytest.approx(diff.mean()) and b["vs_best_pp_std"] == pytest.approx(diff.std(ddof=1))
-    assert b["vs_best_n"] == 2 and pd.isna(b["vs_control_pp"])  # no dense controls given
 
 
 def test_cells_without_parent_runs_are_all_compared(store: Store, capsys: pytest.CaptureFixture[str],
@@ -572,3 +494,35 @@ def test_cells_without_parent_runs_are_all_compared(store: Store, capsys: pytest
     assert doc["selection"]["parent_run_ids"] == []
     assert {r["method_label"] for r in doc["rows"]} == {*METHODS, "random", "dense", CONTROL}
     assert any("no parent runs" in n for n in doc["notes"])
+
+
+def test_a_dead_tracking_server_fails_fast_with_one_line(capsys: pytest.CaptureFixture[str]) -> None:
+    """Nothing listens on the port: exit 2 and one line in seconds, not MLflow's minute of HTTP retries."""
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]  # free now that the socket is closed, and nothing listens on it
+    uri = f"http://127.0.0.1:{port}"
+    start = time.monotonic()
+    status = cli.main(["compare", "--tracking-uri", uri, "--experiment", EXPERIMENT])
+    elapsed = time.monotonic() - start
+    err = capsys.readouterr().err.strip()
+    assert status == 2
+    assert len(err.splitlines()) == 1 and uri in err and "cannot be reached" in err
+    assert elapsed < 15  # a bound on the failure path, not a speed benchmark
+
+
+def test_the_cli_offers_the_formats_the_command_renders() -> None:
+    assert cli_compare.FORMATS == FORMATS
+
+
+def test_the_files_written_are_logged_after_the_table(store: Store, capsys: pytest.CaptureFixture[str],
+                                                      tmp_path: Path) -> None:
+    out = tmp_path / "tables"
+    assert cli.main(["compare", "--tracking-uri", store.uri, "--out", str(out), "--no-plots"]) == 0
+    lines = capsys.readouterr().out.rstrip().splitlines()
+    assert lines[-1] == f"wrote 4 files to {out}: table.md, table.csv, table.html, table.json"
+    assert any(line.startswith("dense ") for line in lines[:-1])  # the table came first
+    assert cli.main(["compare", "--tracking-uri", store.uri, "--out", str(out), "--no-plots", "-q"]) == 0
+    assert "wrote" not in capsys.readouterr().out
+    assert cli.main(["compare", "--tracking-uri", store.uri, "--out", str(out), "--format", "json"]) == 0
+    json.loads(capsys.readouterr().out)  # stdout stays machine-readable

@@ -13,7 +13,10 @@ Four figures explain a comparison:
 * :func:`plot_training_curves` -- per cell, the per-epoch training loss, penalty, validation top-1 and
   learning rate with seeds overlaid and the sparsity/fine-tune stages shaded.
 
-Every function takes the tidy frames built in :mod:`prunebench.compare` and returns the paths it wrote.
+Every function takes the tidy frames built in :mod:`prunebench.commands.compare` (the table of
+:mod:`~prunebench.commands.compare.statistics`, the long frames of
+:mod:`~prunebench.commands.compare.artifacts`) and returns the paths it wrote; each PNG is written
+atomically. What the figures show and why: docs/fairness.md.
 """
 
 from __future__ import annotations
@@ -31,6 +34,9 @@ from matplotlib.figure import Figure
 from matplotlib.lines import Line2D
 from matplotlib.ticker import MaxNLocator
 
+from prunebench.files import atomic_write
+from prunebench.sparsity import ZERO_THRESHOLD  # a channel below 5% of its layer's starting median norm
+
 CURVE_PANELS = {  # panel title -> (metric, line style, scale for display); a panel shows what was logged
     "training loss": [("train_loss", "-", 1.0)],
     "sparsity penalty": [("train_penalty", "-", 1.0)],
@@ -39,7 +45,6 @@ CURVE_PANELS = {  # panel title -> (metric, line style, scale for display); a pa
 }
 STAGE_COLORS = ("#fde8c8", "#d6ecfa", "#e3f5d8", "#efe0f5")
 DPI = 120
-ZERO_THRESHOLD = 0.05  # a channel below 5% of its layer's starting median norm counts as zeroed
 NORM_FLOOR = 1e-4  # exact zeros cannot sit on a log axis: smaller norms are drawn at this value
 
 
@@ -51,8 +56,8 @@ def _figure(width: float, height: float) -> Figure:
 
 
 def _save(fig: Figure, path: Path) -> Path:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, format="png", bbox_inches="tight")  # long rotated layer names must not be clipped
+    # bbox "tight": long rotated layer names must not be clipped
+    atomic_write(path, lambda f: fig.savefig(f, format="png", bbox_inches="tight"))
     return path
 
 
@@ -75,8 +80,9 @@ def _model_dataset_axes(fig: Figure, keys: list[tuple[str, str]], vertical: bool
 def plot_tradeoff(table: pd.DataFrame, path: Path) -> Path:
     """Test top-1 (mean ± sd over seeds) against achieved MACs, one panel per (model, dataset).
 
-    ``table`` is :func:`prunebench.compare.aggregate`'s output. Each method is one line through its targets
-    (sorted by MACs) so several targets read as a trade-off curve; points are labelled with their target.
+    ``table`` is :func:`prunebench.commands.compare.statistics.aggregate`'s output. Each method is one line
+    through its targets (sorted by MACs) so several targets read as a trade-off curve; points are labelled
+    with their target.
     """
     keys = list(table.groupby(["model", "dataset"], sort=True).groups)
     fig = _figure(6.4 * len(keys), 4.6)
@@ -158,8 +164,9 @@ def plot_layer_channels(layers: pd.DataFrame, target: float, path: Path) -> Path
 def plot_sparsity_norms(norms: pd.DataFrame, target: float, path: Path) -> Path:
     """Sorted normalized channel norms at the start (dashed) and end (solid) of sparsity training, log scale.
 
-    ``norms`` is :func:`prunebench.compare.load_norms`'s long frame (cell keys, stage, rank, value): one seed
-    per method. One panel per (model, dataset), a line pair per method and the zero threshold as a line.
+    ``norms`` is :func:`prunebench.commands.compare.artifacts.load_norms`'s long frame (cell keys, stage,
+    rank, value): one seed per method. One panel per (model, dataset), a line pair per method and the zero
+    threshold as a line.
     """
     keys = list(norms.groupby(["model", "dataset"], sort=True).groups)
     fig = _figure(7.2, 4.4 * len(keys))

@@ -1,0 +1,56 @@
+"""The comparison as one object: :func:`build` reads, cleans, aggregates and tests the selected runs into a
+:class:`Comparison`, which every rendering (text, Markdown, CSV, HTML, JSON, plots) takes. The steps are
+in :mod:`~prunebench.commands.compare.reading` and :mod:`~prunebench.commands.compare.statistics`;
+docs/architecture.md places the command.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import pandas as pd
+from mlflow.tracking import MlflowClient
+
+from prunebench.commands.compare.reading import (Selection, clean_cells, clean_controls, load_cells,
+                                                 load_controls)
+from prunebench.commands.compare.statistics import aggregate, significance
+from prunebench.errors import UserError
+from prunebench.tracking.schema import CELL_KIND, KIND_TAG
+
+
+@dataclass
+class Comparison:
+    """Everything a rendering needs: the selection, the cells and controls used, the table, tests and notes."""
+
+    selection: Selection
+    cells: pd.DataFrame
+    table: pd.DataFrame
+    tests: pd.DataFrame
+    notes: list[str]
+    alpha: float = 0.05
+    controls: pd.DataFrame = field(default_factory=pd.DataFrame)
+
+
+def build(client: MlflowClient, sel: Selection, alpha: float = 0.05) -> Comparison:
+    """Read, clean, aggregate and test the selected cells and dense controls; a clear UserError when no cell is left."""
+    raw = load_cells(client, sel)
+    if raw.empty:
+        hint = ("drop or loosen --filter" if sel.filter_string else
+                "pick another invocation with --run-id, or take every invocation with --all-runs"
+                if sel.parent_run_ids else f"check that the runs carry the tag {KIND_TAG}={CELL_KIND}")
+        raise UserError(f"no cell runs match ({sel.describe()}); {hint}")
+    cells, notes = clean_cells(raw)
+    if cells.empty:
+        raise UserError(f"none of the {len(raw)} matching cell runs finished with a test_top1 metric "
+                        f"({sel.describe()}); {' '.join(notes)}")
+    controls, control_notes = clean_controls(load_controls(client, sel), cells)
+    notes += control_notes
+    if not sel.parent_run_ids and not sel.all_runs:
+        notes.insert(0, "the experiment has no parent runs: every cell run in it is included")
+    table = aggregate(cells, controls)
+    tests = significance(cells, alpha)
+    for t in tests.itertuples():
+        hit = (table["model"] == t.model) & (table["dataset"] == t.dataset) & (table["target"] == t.target) & (
+            table["method_label"] == t.best)
+        table.loc[hit, ["test_vs_next", "p_vs_next"]] = [t.test if t.runner_up is not None else None, t.p_value]
+    return Comparison(sel, cells, table, tests, notes, alpha, controls)
