@@ -49,6 +49,7 @@ STUDY_METRICS = ("n_trials", "n_complete", "n_pruned", "n_failed", "n_diverged",
 
 # -- artifacts --------------------------------------------------------------------------------------------
 RECIPE_ARTIFACT = "recipe.yaml"
+DATA_ARTIFACT = "data.json"  # the parent run's device and split sizes
 LAYERS_ARTIFACT = "layers.csv"
 NORMS_ARTIFACT = "sparsity_norms.json"
 TRACEBACK_ARTIFACT = "traceback.txt"

@@ -1,0 +1,128 @@
+"""The ``prunebench`` command line: argparse and logging only. Each subcommand is a module here exposing
+``add_parser(subparsers)`` and ``run(args) -> int``; ``run`` imports the command's implementation
+(:mod:`prunebench.commands`) when it runs, so ``prunebench --help`` stays fast. See docs/architecture.md.
+
+Exit status: 0 success, 1 a run failed (a cell raised or diverged), 2 bad input (a message naming the
+problem and the fix, no traceback), 130/143 interrupted by SIGINT/SIGTERM (``run`` prints how to resume).
+Messages are log records of the ``prunebench`` logger: INFO and below on stdout, WARNING and above on
+stderr; ``-q`` shows only warnings and errors (and turns off progress bars).
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import logging
+import os
+import sys
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
+from types import ModuleType
+
+from prunebench import __version__
+from prunebench.cli import methods, models, run
+from prunebench.errors import UserError, one_line
+
+log = logging.getLogger(__name__)
+
+EPILOG = """\
+examples:
+  prunebench run recipes/quickstart.yaml                   # the offline demo (digits, a few minutes on a CPU)
+  prunebench run recipes/cifar10_resnet56.yaml -o seeds=1  # override any recipe key (value parsed as YAML)
+  prunebench run recipes/cifar10_resnet56.yaml --resume    # after a crash or Ctrl-C: skip finished cells
+  prunebench compare --out reports/quickstart              # tables and plots from MLflow
+  prunebench methods                                       # registered pruning methods
+  prunebench models '*cifar*'                              # models usable in a recipe
+"""
+
+
+def _command(name: str) -> ModuleType | None:
+    """``prunebench.cli.<name>``; until it is written, the command module that still holds its parser."""
+    for module in (f"prunebench.cli.{name}", f"prunebench.commands.{name}.{name}"):
+        try:
+            found = importlib.import_module(module)
+        except ModuleNotFoundError as exc:
+            if exc.name != module:
+                raise
+            continue
+        if hasattr(found, "add_parser"):
+            return found
+    return None
+
+
+def _commands() -> dict[str, ModuleType]:
+    """The subcommands in the order ``--help`` lists them."""
+    found = {"run": run, **{n: _command(n) for n in ("compare", "tune", "bench")}, "methods": methods,
+             "models": models}
+    return {name: module for name, module in found.items() if module is not None}
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="prunebench",
+        description="A fair, reproducible benchmark harness for structured (channel) pruning of CNNs.",
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+        epilog=EPILOG,
+    )
+    parser.add_argument("--version", action="version", version=f"prunebench {__version__}")
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND")
+    for module in _commands().values():
+        module.add_parser(sub)
+    return parser
+
+
+class _ByLevel(logging.Handler):
+    """INFO and below to ``sys.stdout``, WARNING and above to ``sys.stderr``; both looked up when a record
+    is emitted (so a redirected or captured stream receives it)."""
+
+    def emit(self, record: logging.LogRecord) -> None:
+        try:
+            stream = sys.stdout if record.levelno < logging.WARNING else sys.stderr
+            stream.write(self.format(record) + "\n")
+            stream.flush()
+        except RecursionError:
+            raise
+        except Exception:
+            self.handleError(record)
+
+
+@contextmanager
+def configure_logging(quiet: bool) -> Iterator[None]:
+    """The ``prunebench`` logger's handler and level (INFO, or WARNING with ``-q``) for one command."""
+    logger = logging.getLogger("prunebench")
+    handler = _ByLevel()
+    handler.setFormatter(logging.Formatter("%(message)s"))
+    saved = logger.level
+    logger.addHandler(handler)
+    logger.setLevel(logging.WARNING if quiet else logging.INFO)
+    try:
+        yield
+    finally:
+        logger.removeHandler(handler)
+        logger.setLevel(saved)
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Entry point of the console script; returns the exit status."""
+    os.environ.setdefault("PYTHONWARNINGS", "ignore")
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    if args.command is None:
+        parser.print_help()
+        return 2
+    with configure_logging(getattr(args, "quiet", False)):
+        try:
+            return _commands()[args.command].run(args)
+        except UserError as exc:
+            log.error("prunebench: error: %s", one_line(exc, 2000))
+            return exc.exit_code
+        except KeyboardInterrupt:
+            log.error("prunebench: interrupted")
+            return 130
+        except BrokenPipeError:  # e.g. `prunebench compare | head`: the reader left; not an error of ours
+            os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+            return 0
+
+
+def entry() -> None:
+    sys.exit(main())

@@ -1,0 +1,72 @@
+"""What ``prunebench run`` returns and prints at the end: one :class:`CellResult` per cell (and per dense
+control), the :class:`RunSummary` of the invocation and its closing table (:func:`format_summary`).
+The metrics themselves are described in docs/tracking.md."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+from tabulate import tabulate
+
+from prunebench.commands.run.phases import CONTROL_LABEL
+
+_HEADERS = ("method", "seed", "target", "top1", "dense", "MACs(M)", "red.", "params(M)", "speedup", "zeroed")
+_ALIGN = ("left", *("right",) * (len(_HEADERS) - 1), "left")
+
+
+@dataclass
+class CellResult:
+    """The final figures of one cell (what the closing table prints)."""
+
+    method: str
+    seed: int
+    target: float
+    run_id: str
+    status: str = "FINISHED"
+    metrics: dict[str, float] = field(default_factory=dict)
+    error: str | None = None
+    skipped: bool = False  # finished by an earlier invocation (``--resume``)
+    control: bool = False  # a seed's dense control, not a cell of the grid
+
+    def describe(self) -> str:
+        return f"{CONTROL_LABEL} seed {self.seed}" if self.control else f"{self.method} seed {self.seed} target {self.target}"
+
+
+@dataclass
+class RunSummary:
+    parent_run_id: str
+    experiment: str
+    tracking_uri: str
+    cells: list[CellResult]
+
+    @property
+    def failed(self) -> list[CellResult]:
+        """Cells and dense controls that did not finish."""
+        return [c for c in self.cells if c.status != "FINISHED"]
+
+    @property
+    def grid(self) -> list[CellResult]:
+        """The cells of the grid (methods x seeds x targets), without the dense controls."""
+        return [c for c in self.cells if not c.control]
+
+
+def _row(c: CellResult) -> list[str]:
+    """One line of the closing table: the figures, then a note (failed, or finished by an earlier run)."""
+    m = c.metrics
+    note = "(finished earlier)" if c.skipped else ""
+    if c.status != "FINISHED":
+        return [c.method, str(c.seed), f"{c.target:.2f}", *[""] * 7, f"{c.status}: {c.error}"]
+    figures = [f"{100 * m['test_top1']:.2f}%", f"{100 * m['dense_test_top1']:.2f}%", f"{m['macs'] / 1e6:.2f}"]
+    if c.control:
+        return [c.method, str(c.seed), "-", *figures, f"{0:.3f}", f"{m['params'] / 1e6:.3f}", "", "", note]
+    zeroed = f"{m['sparsity_zero_frac']:.0%}" if "sparsity_zero_frac" in m else ""
+    return [c.method, str(c.seed), f"{c.target:.2f}", *figures, f"{m['macs_reduction']:.3f}",
+            f"{m['params'] / 1e6:.3f}", f"{m['speedup']:.2f}x", zeroed, note]
+
+
+def format_summary(summary: RunSummary) -> str:
+    """The closing table of ``prunebench run`` (one line per cell), then where the runs are logged."""
+    table = tabulate([_row(c) for c in summary.cells], headers=[*_HEADERS, "note"], colalign=_ALIGN,
+                     disable_numparse=True)
+    return (f"{table}\n\nMLflow: {summary.tracking_uri}  experiment {summary.experiment!r}  parent run "
+            f"{summary.parent_run_id}\nCompare: prunebench compare --experiment {summary.experiment!r}")
