@@ -11,8 +11,11 @@ from pathlib import Path
 
 import pytest
 
-from prunebench.commands.bench.bench import (
+from prunebench.cli import main
+from prunebench.cli.bench import DEFAULTS
+from prunebench.commands.bench import (
     TARGETS,
+    BenchConfig,
     check_targets,
     interleaved,
     is_noisy,
@@ -22,7 +25,6 @@ from prunebench.commands.bench.bench import (
     spread,
     torch_threads,
 )
-from prunebench.cli import main
 
 REQUIRED = ("loop_efficiency", "reg_overhead", "data_headroom", "speedup", "speedup_efficiency", "macs_ratio",
             "engine_s", "thinet_s", "macs_count_s", "machine")  # fmt: skip
@@ -42,7 +44,7 @@ def _finite(v: object) -> bool:
 
 
 def test_quick_report_has_every_key_with_finite_numbers(quick_report: tuple[dict, Path]) -> None:
-    rep, out = quick_report
+    rep, _ = quick_report
     from prunebench.registry import available_methods
 
     for key in REQUIRED:
@@ -208,3 +210,8 @@ def test_quick_runs_single_threaded_and_restores_the_thread_count(quick_report: 
     assert torch.get_num_threads() == before
     with torch_threads(None):
         assert torch.get_num_threads() == before
+
+
+def test_option_defaults_are_the_config_defaults() -> None:
+    """prunebench/cli/bench.py repeats BenchConfig's defaults (the CLI imports no command to build --help)."""
+    assert {k: getattr(BenchConfig(), k) for k in DEFAULTS} == DEFAULTS
