@@ -11,7 +11,6 @@ stderr; ``-q`` shows only warnings and errors (and turns off progress bars).
 from __future__ import annotations
 
 import argparse
-import importlib
 import logging
 import os
 import sys
@@ -20,7 +19,7 @@ from contextlib import contextmanager
 from types import ModuleType
 
 from prunebench import __version__
-from prunebench.cli import methods, models, run
+from prunebench.cli import bench, compare, methods, models, run, tune
 from prunebench.errors import UserError, one_line
 
 log = logging.getLogger(__name__)
@@ -36,25 +35,9 @@ examples:
 """
 
 
-def _command(name: str) -> ModuleType | None:
-    """``prunebench.cli.<name>``; until it is written, the command module that still holds its parser."""
-    for module in (f"prunebench.cli.{name}", f"prunebench.commands.{name}.{name}"):
-        try:
-            found = importlib.import_module(module)
-        except ModuleNotFoundError as exc:
-            if exc.name != module:
-                raise
-            continue
-        if hasattr(found, "add_parser"):
-            return found
-    return None
-
-
-def _commands() -> dict[str, ModuleType]:
-    """The subcommands in the order ``--help`` lists them."""
-    found = {"run": run, **{n: _command(n) for n in ("compare", "tune", "bench")}, "methods": methods,
-             "models": models}
-    return {name: module for name, module in found.items() if module is not None}
+COMMANDS: dict[str, ModuleType] = {"run": run, "compare": compare, "tune": tune, "bench": bench, "methods": methods,
+                                   "models": models}
+"""The subcommands, in the order ``--help`` lists them."""
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -66,7 +49,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     parser.add_argument("--version", action="version", version=f"prunebench {__version__}")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
-    for module in _commands().values():
+    for module in COMMANDS.values():
         module.add_parser(sub)
     return parser
 
@@ -112,7 +95,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         return 2
     with configure_logging(getattr(args, "quiet", False)):
         try:
-            return _commands()[args.command].run(args)
+            return COMMANDS[args.command].run(args)
         except UserError as exc:
             log.error("prunebench: error: %s", one_line(exc, 2000))
             return exc.exit_code
