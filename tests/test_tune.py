@@ -3,9 +3,13 @@ recipe, divergence, and that the test split is never read."""
 
 from __future__ import annotations
 
+import logging
 import os
+import re
+import socket
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import optuna
@@ -45,17 +49,17 @@ def _runs(kind: str) -> list:
 
 @pytest.fixture
 def contexts(monkeypatch: pytest.MonkeyPatch) -> list:
-    """Every pipeline Context created in this test (to read the data module's test_reads counter)."""
-    import prunebench.commands.run as pipeline
+    """Every pipeline Context tune created in this test (to read the data module's test_reads counter)."""
+    import prunebench.commands.tune.objective as objective
 
     made: list = []
 
-    class Recording(pipeline.Context):
+    class Recording(objective.Context):
         def __init__(self, *args, **kwargs) -> None:
             super().__init__(*args, **kwargs)
             made.append(self)
 
-    monkeypatch.setattr(pipeline, "Context", Recording)
+    monkeypatch.setattr(objective, "Context", Recording)
     return made
 
 
@@ -63,7 +67,7 @@ def test_study_runs_logs_resumes_and_writes_a_runnable_tuned_recipe(write_recipe
     import mlflow
 
     path = write_recipe(tune_recipe)
-    assert main(["tune", str(path), "--trials", "3", "-q"]) == 0
+    assert main(["tune", str(path), "--trials", "3"]) == 0  # no -q: the progress lines are read below
     out = capsys.readouterr().out
     assert "l1: nothing to tune" in out and "tuned recipe: r.tuned.yaml" in out
 
@@ -112,7 +116,7 @@ def test_study_runs_logs_resumes_and_writes_a_runnable_tuned_recipe(write_recipe
     # rerun with a larger total: the same study grows to 6 trials, in a second study run
     contexts.clear()
     capsys.readouterr()
-    assert main(["tune", str(path), "--trials", "6", "-q"]) == 0
+    assert main(["tune", str(path), "--trials", "6"]) == 0
     assert "3 trials so far, topping up to 6" in capsys.readouterr().out
     assert [s.study_name for s in optuna.get_all_study_summaries("sqlite:///optuna.db")] == ["tiny-oicsr"]
     assert [t.number for t in _study().get_trials()] == list(range(6))
@@ -120,7 +124,7 @@ def test_study_runs_logs_resumes_and_writes_a_runnable_tuned_recipe(write_recipe
     assert all(c.data.test_reads == 0 for c in contexts) and contexts
 
     # the same command again: nothing left to do, no empty study run
-    assert main(["tune", str(path), "--trials", "6", "-q"]) == 0
+    assert main(["tune", str(path), "--trials", "6"]) == 0
     assert "already has 6 trials" in capsys.readouterr().out
     assert len(_study().get_trials()) == 6 and len(_runs("study")) == 2
 
@@ -128,7 +132,7 @@ def test_study_runs_logs_resumes_and_writes_a_runnable_tuned_recipe(write_recipe
 def test_two_processes_share_one_sqlite_study(write_recipe, tune_recipe, tmp_path: Path) -> None:
     path = write_recipe(tune_recipe)
     env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONWARNINGS": "ignore"}
-    cmd = [sys.executable, "-m", "prunebench", "tune", str(path), "--trials", "4", "-q"]
+    cmd = [sys.executable, "-m", "prunebench", "tune", str(path), "--trials", "4"]  # no -q: the trial lines are read
     procs = [subprocess.Popen(cmd, cwd=tmp_path, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
              for _ in range(2)]
     outs = [p.communicate(timeout=600)[0] for p in procs]
@@ -151,9 +155,9 @@ def test_two_processes_share_one_sqlite_study(write_recipe, tune_recipe, tmp_pat
 def test_diverging_trials_are_pruned_and_the_study_goes_on(write_recipe, tune_recipe, contexts, capsys) -> None:
     # a factor this large overflows the penalty to inf at the first step: DivergedError in the training loop
     tune_recipe["tune"]["spaces"] = {"oicsr": {"lambda": {"low": 1.0e36, "high": 1.0e37, "log": True}}}
-    assert main(["tune", str(write_recipe(tune_recipe)), "--trials", "2", "-q"]) == 1  # no completed trial
-    out = capsys.readouterr().out
-    assert "diverged" in out and "no completed trial for oicsr" in out
+    assert main(["tune", str(write_recipe(tune_recipe)), "--trials", "2"]) == 1  # no completed trial
+    out = capsys.readouterr()  # the trials' lines on stdout, the warning on stderr
+    assert "diverged" in out.out and "-> diverged (" in out.out and "no completed trial for oicsr" in out.err
     trials = _study().get_trials()
     assert len(trials) == 2
     assert all(t.state == TrialState.PRUNED and t.user_attrs["failure"].startswith("diverged") for t in trials)
@@ -164,18 +168,45 @@ def test_diverging_trials_are_pruned_and_the_study_goes_on(write_recipe, tune_re
 
 
 def test_a_failing_trial_is_marked_failed_and_the_study_goes_on(write_recipe, tune_recipe, monkeypatch, capsys) -> None:
-    import prunebench.commands.run as pipeline
+    import prunebench.commands.tune.objective as objective
 
     def boom(*_args, **_kwargs):
         raise RuntimeError("boom")
 
-    monkeypatch.setattr(pipeline, "train_and_prune", boom)
+    monkeypatch.setattr(objective, "train_and_prune", boom)
     assert main(["tune", str(write_recipe(tune_recipe)), "--trials", "2", "-q"]) == 1
-    assert "FAILED (RuntimeError: boom)" in capsys.readouterr().out
+    assert "FAILED (RuntimeError: boom)" in capsys.readouterr().err  # a warning: shown with -q, on stderr
     trials = _study().get_trials()
     assert len(trials) == 2 and all(t.state == TrialState.FAIL for t in trials)
     assert all(t.user_attrs["failure"] == "error: RuntimeError: boom" for t in trials)
     assert all(r.info.status == "FAILED" for r in _runs("trial"))
+
+
+def test_quiet_prints_warnings_and_the_result_only(write_recipe, tune_recipe, capsys) -> None:
+    """-q: no progress bars and no progress messages; the closing table and the tuned recipe's path remain."""
+    assert main(["tune", str(write_recipe(tune_recipe)), "--trials", "1", "-q"]) == 0
+    out, err = capsys.readouterr()
+    assert "tuned recipe: r.tuned.yaml" in out and "val_top1" in out and "oicsr" in out  # the product
+    for progress in ("tuning ", "trial 0", "nothing to tune", "topping up", "next:", "MLflow:", "it/s"):
+        assert progress not in out and progress not in err, progress
+    assert err == ""
+    assert len(out.strip().splitlines()) <= 6  # the table (header, rule, one row) and the path
+    assert Path("r.tuned.yaml").is_file() and len(_study().get_trials()) == 1
+
+
+def test_an_unreachable_tracking_server_fails_fast(write_recipe, tune_recipe, capsys) -> None:
+    """Nothing listens on the port: exit 2 with one line in seconds, before any training or study."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    tune_recipe["tracking"] = {"uri": f"http://127.0.0.1:{port}"}
+    t0 = time.monotonic()
+    assert main(["tune", str(write_recipe(tune_recipe)), "--trials", "1", "-q"]) == 2
+    assert time.monotonic() - t0 < 15
+    err = capsys.readouterr().err
+    assert err.startswith("prunebench: error: ") and len(err.strip().splitlines()) == 1
+    assert f"127.0.0.1:{port}" in err and "cannot be reached" in err
+    assert not Path("optuna.db").exists() and not Path(".prunebench").exists()
 
 
 def test_run_refuses_a_search_space(write_recipe, tune_recipe, capsys) -> None:
@@ -207,8 +238,6 @@ def test_bad_tune_input_is_one_clear_error(write_recipe, tiny_recipe, change, me
     assert main(["tune", str(write_recipe(tiny_recipe))]) == 2
     err = capsys.readouterr().err
     assert err.startswith("prunebench: error: ") and len(err.strip().splitlines()) == 1
-    import re
-
     assert re.search(message, err), err
 
 
@@ -219,15 +248,17 @@ def test_bad_command_line_values(write_recipe, tune_recipe, capsys) -> None:
     assert "--methods: vgg not in the recipe's methods (oicsr, l1)" in capsys.readouterr().err
 
 
-def test_plan_default_spaces_skips_and_study_names(write_recipe, tiny_recipe, capsys) -> None:
-    from prunebench.commands.tune.tune import plan_tasks
+def test_plan_default_spaces_skips_and_study_names(write_recipe, tiny_recipe, caplog) -> None:
+    from prunebench.commands.tune.tasks import plan_tasks
+
+    caplog.set_level(logging.INFO, logger="prunebench")
 
     tiny_recipe["methods"] = [{"name": "oicsr"}, {"name": "oicsr", "variant": "growl"},
                               {"name": "slimming", "lambda": 1e-5}, {"name": "thinet"}, {"name": "l1"}, {"name": "random"}]
     tiny_recipe["tune"] = {"spaces": {"slimming": {"lambda": {"low": 1e-6, "high": 1e-4, "log": True}}}}
     recipe = load_recipe(write_recipe(tiny_recipe), allow_spaces=True)
     tasks = plan_tasks(recipe, recipe.tune, None, None)
-    said = capsys.readouterr().out
+    said = caplog.text  # the skip messages are INFO log records
     assert all(f"{m}: nothing to tune" in said for m in ("thinet", "l1", "random"))
     assert [t.study for t in tasks] == ["tiny-oicsr", "tiny-oicsr(variant=growl)", "tiny-slimming"]
     lam = [t.spaces["lambda"] for t in tasks]
@@ -241,7 +272,7 @@ def test_plan_default_spaces_skips_and_study_names(write_recipe, tiny_recipe, ca
 
 
 def test_default_storage_sits_beside_the_mlflow_store(tmp_path: Path) -> None:
-    from prunebench.commands.tune.tune import default_storage, mask_url
+    from prunebench.commands.tune.study import default_storage, mask_url
 
     assert default_storage(f"sqlite:///{tmp_path}/runs/mlflow.db") == f"sqlite:///{tmp_path}/runs/optuna.db"
     assert default_storage("http://mlflow:5000") == "sqlite:///optuna.db"
@@ -249,7 +280,7 @@ def test_default_storage_sits_beside_the_mlflow_store(tmp_path: Path) -> None:
 
 
 def _draws(cfg: TuneConfig, storage, name: str, n: int) -> list[float]:
-    from prunebench.commands.tune.tune import make_sampler
+    from prunebench.commands.tune.study import make_sampler
 
     study = optuna.create_study(storage=storage, study_name=name, direction="maximize", sampler=make_sampler(cfg),
                                 load_if_exists=True)
