@@ -6,10 +6,13 @@ BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.prunebench-installed
 PYTEST_ARGS ?=
 
-.PHONY: venv test test-slow demo bench clean help
+.PHONY: venv test test-unit test-slow lint format demo bench clean help
 
 help:
-	@echo "make test       run the test suite (creates .venv when missing)"
+	@echo "make test       the suite CI runs: unit + integration tests (creates .venv when missing)"
+	@echo "make test-unit  the fast inner loop: unit tests only (-m unit)"
+	@echo "make lint       ruff check and ruff format --check (what CI enforces)"
+	@echo "make format     ruff format and ruff check --fix"
 	@echo "make demo       run recipes/quickstart.yaml offline and write reports/quickstart"
 	@echo "make test-slow  the long end-to-end tests (real CIFAR-10 subset)"
 	@echo "make bench      prunebench bench -> reports/perf"
@@ -24,6 +27,17 @@ venv: $(STAMP)
 
 test: $(STAMP)
 	$(BIN)/python -m pytest $(PYTEST_ARGS)
+
+test-unit: $(STAMP)
+	$(BIN)/python -m pytest -m unit $(PYTEST_ARGS)
+
+lint: $(STAMP)
+	$(BIN)/ruff check .
+	$(BIN)/ruff format --check .
+
+format: $(STAMP)
+	$(BIN)/ruff format .
+	$(BIN)/ruff check --fix .
 
 test-slow: $(STAMP)
 	$(BIN)/python -m pytest -m slow $(PYTEST_ARGS)

@@ -1,6 +1,6 @@
 """The shared pruning engine: plan which channels go to meet a MACs target, then cut them for real.
 
-Every method goes through this one engine, so methods differ only in how they rank channels (docs/architecture.md
+Every method goes through this one engine, so methods differ only in how they rank channels (docs/methods.md
 "Pruning engine"):
 
 * **global greedy** (:func:`plan_global`): every channel of every group gets the method's score

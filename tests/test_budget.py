@@ -26,6 +26,8 @@ from prunebench.registry import available_methods
 
 from prunebench import models
 
+pytestmark = pytest.mark.unit
+
 X = torch.randn(1, 3, 32, 32)
 
 

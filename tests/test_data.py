@@ -18,6 +18,8 @@ from prunebench.imagefolder import SeededCrops
 from prunebench.errors import UserError
 from prunebench.recipe import DataConfig
 
+pytestmark = pytest.mark.unit
+
 REAL_SUBSET = Path("/work/shared/data/cifar10-subset")
 
 

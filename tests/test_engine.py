@@ -15,6 +15,7 @@ import timm
 import torch
 from torch import Tensor, nn
 
+import prunebench.models  # noqa: F401  (registers the CIFAR models into timm)
 from prunebench.budget import MacsCostModel, layer_cap
 from prunebench.engine import cut, plan_global, prune_to_target, score_groups
 from prunebench.errors import UserError
@@ -24,7 +25,8 @@ from prunebench.method import Calibration, PruningMethod
 from prunebench.registry import available_methods
 from prunebench.serialize import load_pruned, save_pruned
 
-models = pytest.importorskip("prunebench.models")
+pytestmark = pytest.mark.unit
+
 
 CIFAR = ["resnet20_cifar", "vgg16_cifar", "densenet40_cifar"]
 TIMM = ["resnet18", "resnet50", "mobilenetv2_100", "densenet121"]
@@ -190,7 +192,7 @@ def test_never_pruned_layers() -> None:
         build_groups(model, x, scope="internal", ignored_layers=[f"layer{s}.{b}.conv1" for s in (1, 2, 3) for b in range(3)])
 
 
-# -- the docs/design.md invariant -----------------------------------------------------------------------
+# -- the docs/methods.md invariant ----------------------------------------------------------------------
 
 
 def _randomize_bn(model: nn.Module) -> None:

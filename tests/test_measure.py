@@ -1,4 +1,4 @@
-"""MACs, parameters and latency (docs/design.md "MACs and parameters")."""
+"""MACs, parameters and latency (docs/fairness.md "MACs and parameters")."""
 
 from __future__ import annotations
 
@@ -9,9 +9,9 @@ import timm
 import torch
 from torch import nn
 
+import prunebench.models  # noqa: F401  (registers the CIFAR models into timm)
 from prunebench.measure import count_macs, measure_latency
 
-pytest.importorskip("prunebench.models")  # registers the CIFAR models in timm
 
 
 @pytest.fixture(autouse=True)
@@ -34,7 +34,7 @@ def test_resnet56_matches_the_papers() -> None:
     assert r.macs_conv_fc == pytest.approx(125.5e6, rel=0.01)
     assert r.macs == pytest.approx(128.2e6, rel=0.02)  # fvcore adds BN (2 per element) and pooling
     assert r.params == pytest.approx(0.85e6, rel=0.01)
-    assert seconds < 1.0
+    # its time budget is the macs_count_s target of `prunebench bench` (no wall-clock assert in a test)
 
 
 def test_resnet18_counts_are_consistent() -> None:

@@ -23,6 +23,8 @@ from prunebench.methods._group_sparsity import growl_weights, owl_prox
 from prunebench.norms import group_slices
 from prunebench.registry import available_methods, build_method
 
+pytestmark = pytest.mark.unit
+
 torch.set_num_threads(1)
 
 MINE = ("oicsr", "group_lasso", "slimming")
@@ -70,10 +72,7 @@ def hand_groups(model: Tiny) -> list[PrunableGroup]:
 
 
 def library_groups(model: Tiny) -> list[PrunableGroup]:
-    build = getattr(pg, "build_groups", None)
-    if build is None:
-        pytest.skip("prunebench.groups.build_groups does not exist yet")
-    _, groups = build(model, torch.randn(1, 3, 8, 8), scope="internal", never_prune=[model.stem, model.conv2])
+    _, groups = pg.build_groups(model, torch.randn(1, 3, 8, 8), scope="internal", never_prune=[model.stem, model.conv2])
     assert len(groups) == 1 and groups[0].root is model.conv1 and groups[0].size == 4
     return groups
 
@@ -360,7 +359,7 @@ def test_growl_proximal_step_applies_the_owl_prox_to_group_norms(setup: Setup) -
 
 
 def test_a_zeroed_out_in_group_can_be_removed_without_changing_the_output(setup: Setup) -> None:
-    """docs/design.md's invariant, reached through OICSR's proximal step (in eval and train mode)."""
+    """docs/methods.md's invariant ("Prunable groups"), reached through OICSR's proximal step (in eval and train mode)."""
     model, groups = setup
     _shrink_channels(model, [1], 1e-3)
     attached("oicsr", model, groups, **{"lambda": 0.5}, mode="proximal").after_step(0.1)

@@ -22,6 +22,8 @@ from prunebench.models import (
 from prunebench.groups import classifier_and_stem, customized_pruners
 from prunebench.recipe import ModelConfig
 
+pytestmark = pytest.mark.unit
+
 CIFAR = timm.list_models("*_cifar")
 RESNETS = [m for m in CIFAR if m.startswith("resnet")]
 

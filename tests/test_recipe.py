@@ -11,6 +11,8 @@ from prunebench.recipe import apply_override, load_recipe
 
 from conftest import ROOT
 
+pytestmark = pytest.mark.unit
+
 SHIPPED = sorted((ROOT / "recipes").glob("*.yaml"))
 
 
