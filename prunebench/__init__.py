@@ -16,8 +16,8 @@ from prunebench.errors import UserError
 from prunebench.groups import GroupMember, PrunableGroup
 from prunebench.method import Calibration, LambdaParams, MethodParams, PruningMethod
 from prunebench.norms import ChannelSlice, GroupSlices, group_slices, member_slice
-from prunebench.recipe import Recipe, load_recipe
-from prunebench.registry import available_methods, get_method, register_method
+from prunebench.recipe import Recipe
+from prunebench.registry import available_methods, get_method, load_recipe, register_method
 
 __version__ = "0.1.0"
 

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import importlib
 import importlib.util
+import os
 import sys
 import warnings
 from collections.abc import Callable
@@ -23,6 +24,7 @@ from pydantic import ValidationError
 
 from prunebench.errors import UserError, close_matches
 from prunebench.method import PruningMethod
+from prunebench.recipe import Recipe, is_search_space, method_label, parse_search_space, read_recipe
 
 ENTRY_POINT_GROUP = "prunebench.methods"
 RESERVED_NAMES = {"dense_control": "the runs of each seed's dense control carry it as their method"}
@@ -168,3 +170,70 @@ def load_plugin_file(path: str | Path) -> list[str]:
             "@prunebench.register_method('name')"
         )
     return new
+
+
+# -- recipes: their plugin files and method entries --------------------------------------------------
+
+
+def load_recipe(path: str | Path, overrides: list[str] | tuple[str, ...] = (), *, allow_spaces: bool = False) -> Recipe:
+    """Read a recipe (:func:`prunebench.recipe.read_recipe`), load its plugin files and validate every method
+    entry against its parameter model; every problem is a one-line :class:`UserError`.
+
+    ``allow_spaces`` accepts method parameters written as search spaces (``prunebench tune`` only).
+    """
+    recipe = read_recipe(path, overrides)
+    validate_methods(recipe, base_dir=Path(path).parent, allow_spaces=allow_spaces)
+    return recipe
+
+
+def resolve_plugin_path(plugin: str, base_dir: Path) -> Path:
+    """A plugin path as written in a recipe: relative to the working directory, else to the recipe."""
+    p = Path(os.path.expandvars(plugin)).expanduser()
+    if p.is_absolute() or p.exists():
+        return p
+    return base_dir / p
+
+
+def validate_methods(recipe: Recipe, base_dir: Path, *, allow_spaces: bool = False) -> None:
+    """Load the recipe's plugin files and validate every method entry against its parameter model.
+
+    A parameter written as a search space is an error (run ``prunebench tune`` first) unless
+    ``allow_spaces``; then both ends of the range (or every choice) are validated instead.
+    """
+    src = str(getattr(recipe, "_source", "recipe"))
+    for plugin in recipe.plugins:
+        path = resolve_plugin_path(plugin, base_dir)
+        if not path.is_file():
+            raise UserError(f"{src}: plugins: plugin file {plugin!r} does not exist (looked in the working "
+                            "directory and beside the recipe); fix the path")
+        try:
+            load_plugin_file(path)
+        except UserError as exc:
+            raise UserError(f"{src}: plugins: {exc}") from None
+    broken = broken_methods()  # an installed plugin that fails to import fails its cells, not the recipe
+    for i, spec in enumerate(recipe.methods):
+        where = f"{src}: methods[{i}]"
+        if spec["name"] in broken:
+            continue
+        spaces = {k: v for k, v in spec.items() if is_search_space(v)}
+        if spaces and not allow_spaces:
+            key = next(iter(spaces))
+            raise UserError(f"{where}.{key}: is a search space; run `prunebench tune {src}` first and then "
+                            f"`prunebench run` on the tuned recipe it writes (or give {key} a value)")
+        ends: dict[str, list[Any]] = {}
+        for key, raw in spaces.items():
+            try:
+                space = parse_search_space(raw)
+            except (ValueError, ValidationError) as exc:
+                msg = exc.errors()[0]["msg"] if isinstance(exc, ValidationError) else str(exc)
+                raise UserError(f"{where}.{key}: {msg.removeprefix('Value error, ')}") from None
+            ends[key] = space.ends
+        base = {**spec, **{k: v[0] for k, v in ends.items()}}
+        build_method(base, where=where)
+        for key, values in ends.items():  # every end of every range must be a valid value
+            for value in values[1:]:
+                build_method({**base, key: value}, where=where)
+    names = [m["name"] for m in recipe.methods]
+    labels = [method_label(m) for m in recipe.methods]
+    if len(set(labels)) != len(labels):
+        raise UserError(f"{src}: methods: the same method with the same parameters is listed twice ({names})")

@@ -7,7 +7,8 @@ from pathlib import Path
 import pytest
 
 from prunebench.errors import UserError
-from prunebench.recipe import apply_override, load_recipe
+from prunebench.recipe import apply_override
+from prunebench.registry import load_recipe
 
 from conftest import ROOT
 

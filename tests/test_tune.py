@@ -18,7 +18,8 @@ import yaml
 from optuna.trial import TrialState
 
 from prunebench.cli import main
-from prunebench.recipe import TuneConfig, load_recipe
+from prunebench.recipe import TuneConfig
+from prunebench.registry import load_recipe
 
 from conftest import ROOT
 

@@ -39,7 +39,8 @@ def resume_command(args: argparse.Namespace) -> str:
 
 def run(args: argparse.Namespace) -> int:
     from prunebench.commands.run import format_summary, run_recipe
-    from prunebench.recipe import dump_recipe, load_recipe
+    from prunebench.recipe import dump_recipe
+    from prunebench.registry import load_recipe
     from prunebench.signals import Interrupted, handle_signals
 
     recipe = load_recipe(args.recipe, args.override)

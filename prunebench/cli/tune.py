@@ -13,7 +13,8 @@ from pathlib import Path
 from pydantic import ValidationError
 
 from prunebench.errors import UserError
-from prunebench.recipe import Recipe, TuneConfig, load_recipe
+from prunebench.recipe import Recipe, TuneConfig
+from prunebench.registry import load_recipe
 
 log = logging.getLogger(__name__)
 
