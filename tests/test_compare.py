@@ -1,6 +1,6 @@
 """``prunebench compare`` on a tracking store logged by hand with the MLflow API (no prunebench run).
 
-The store follows docs/design.md's tracking schema: an older invocation (one ``random`` cell, no dense
+The store follows docs/tracking.md (prunebench/tracking/schema.py): an older invocation (one ``random`` cell, no dense
 controls), then the latest invocation with 2 methods x 2 seeds x 2 targets, one FAILED cell and the dense
 controls (the dense model trained for the same extra epochs: one per seed, plus a repeated, a FAILED and an
 orphan one). ``oicsr`` is regularized: its cells log the sparsity diagnostics and ``sparsity_norms.json``.
