@@ -9,7 +9,7 @@ points of the consumer's output, write each sampled output value as a sum of per
 and greedily grow the removal set T that keeps ``sum_i (sum_{c in T} x_{i,c})^2`` smallest (the paper's
 Algorithm 1), then rescale the kept in-channels of the consumer by ``w = argmin ||y - X_kept w||^2``
 (the paper's Eq. 7). No sparsity training: the harness gives the method plain training of the same
-length. Every group loses the same fraction of its channels (``uniform = True``), chosen by the engine so
+length. Every group loses the same fraction of its channels (it defines ``select``, which makes it a calibrated method), chosen by the engine so
 that the network meets the MACs target; the paper also prunes a fixed ratio per layer.
 
 Choices the paper leaves open, and ours:
@@ -67,7 +67,6 @@ class ThiNetParams(MethodParams):
 @register_method("thinet")
 class ThiNet(PruningMethod[ThiNetParams]):
     description = "ThiNet (Luo et al. 2017): greedy next-layer reconstruction + least-squares rescaling"
-    uniform = True
 
     def __init__(self, params: ThiNetParams | None = None) -> None:
         super().__init__(params)

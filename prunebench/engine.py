@@ -7,7 +7,7 @@ Every method goes through this one engine, so methods differ only in how they ra
   (normalized within its group when the method says so); channels are removed lowest first until the
   MACs reduction reaches the target, never taking more than ``max_layer_ratio`` of a group, nor its
   last channel;
-* **uniform** (:func:`plan_uniform`, methods with ``uniform = True`` such as ThiNet): one fraction of
+* **uniform** (:func:`plan_uniform`, calibrated methods -- those that define ``select`` -- such as ThiNet): one fraction of
   every group, found by bisection, and the method's ``select`` picks the channels from calibration
   data.
 
@@ -387,7 +387,7 @@ def prune_to_target(
     tol = budget_tolerance(cost, groups, ref, round_to, caps=caps)
     budget = dict(max_layer_ratio=max_layer_ratio, round_to=round_to, dense_widths=dense_widths,
                   reference_macs=ref, tolerance=tol)
-    if method.uniform:
+    if method.calibrated:
         plan = plan_uniform(groups, method, cost, target_macs, calib=calib, **budget)
     else:
         scores = score_groups(method, groups)

@@ -70,20 +70,25 @@ class PruningMethod(Generic[P]):
     * ``Params`` -- set from the generic argument (or assigned explicitly); default: no parameters;
     * ``normalize`` -- how the engine normalizes scores within a layer before the global ranking:
       ``None`` (compare raw scores across layers), ``"max"`` or ``"sum"``;
-    * ``uniform`` -- ``True`` to remove the same fraction of every group (chosen so the network meets
-      the MACs target) instead of a global ranking.
+
+    How channels are chosen follows from which method the subclass defines -- one switch, not two:
+    overriding :meth:`score` gives a global ranking across groups; overriding :meth:`select` makes the
+    method *calibrated* (:attr:`calibrated`): the engine removes the same fraction of every group (chosen
+    so the network meets the MACs target) and ``select`` picks the channels from calibration data.
     """
 
     name: ClassVar[str] = ""
     description: ClassVar[str] = ""
     Params: ClassVar[type[MethodParams]] = MethodParams
     normalize: ClassVar[Literal["max", "sum"] | None] = None
-    uniform: ClassVar[bool] = False
+    calibrated: ClassVar[bool] = False
+    """Set for you: ``True`` when the class overrides :meth:`select` (uniform plan, calibration data)."""
 
     params: P
 
     def __init_subclass__(cls, **kwargs: object) -> None:
         super().__init_subclass__(**kwargs)
+        cls.calibrated = cls.select is not PruningMethod.select
         if "Params" in cls.__dict__:
             return
         for base in cls.__dict__.get("__orig_bases__", ()):
@@ -144,8 +149,8 @@ class PruningMethod(Generic[P]):
         """Choose ``n_remove`` channels of ``group`` to remove from calibration data.
 
         Return their indices (LongTensor) or ``None`` to fall back on :meth:`score`. May rewrite the
-        kept weights (e.g. a least-squares reconstruction of the consumer layer). Only called for
-        methods with ``uniform = True``.
+        kept weights (e.g. a least-squares reconstruction of the consumer layer). Overriding it makes the
+        method :attr:`calibrated`.
         """
         return None
 

@@ -45,7 +45,7 @@ def make(name: str) -> nn.Module:
 def prune(model: nn.Module, method_name: str, target: float, **kw):
     cls = available_methods()[method_name]
     calib = None
-    if cls.uniform or cls.select is not PruningMethod.select:
+    if cls.calibrated:
         model.eval()
         calib = Calibration(model=model, batches=[torch.randn(4, 3, 32, 32)])
     return prune_to_target(model, cls(), target, X, calib=calib, **kw)
@@ -78,7 +78,7 @@ def test_resnet8_within_half_the_cheapest_channel(method_name: str, target: floa
     print(f"resnet8 {method_name} -> {target}: achieved {res.macs_reduction:.5f}, tolerance {res.tolerance:.5f}")
     assert res.tolerance > 0.001
     assert res.macs_reduction >= target
-    if available_methods()[method_name].uniform and res.macs_reduction > target + res.tolerance:
+    if available_methods()[method_name].calibrated and res.macs_reduction > target + res.tolerance:
         # ResNet-8 has three groups: one ratio for all of them (each within one channel) can miss the
         # band (30%: no such plan lies in [30%, 30.22%]); then the closest plan and one warning
         assert len(caplog.records) == 1 and "no closer plan" in caplog.records[0].getMessage()
@@ -108,14 +108,19 @@ def test_resnet8_tolerance_is_half_the_cheapest_channel() -> None:
 # -- uniform plans --------------------------------------------------------------------------------
 
 
+_NO_CALIBRATION = Calibration(model=nn.Identity(), batches=[])  # _UniformL1.select never reads it
+
+
 class _UniformL1(PruningMethod):
     """ThiNet's planning without its calibration: one ratio for all groups, lowest L1 norms."""
 
     name = "uniform-l1"
-    uniform = True
 
     def score(self, group: PrunableGroup) -> Tensor:
         return group.root.weight.detach().abs().flatten(1).sum(1)
+
+    def select(self, group: PrunableGroup, n_remove: int, calib: Calibration) -> Tensor | None:
+        return None  # calibrated (the uniform plan), choosing by score
 
 
 def _one_ratio(removed: dict[str, int], sizes: dict[str, int]) -> bool:
@@ -130,7 +135,7 @@ def test_uniform_plans_land_in_the_band(model_name: str, caplog) -> None:
     for target in (0.2, 0.3, 0.4, 0.5, 0.6):
         model = make(model_name)
         with caplog.at_level(logging.WARNING, logger="prunebench.engine"):
-            res = prune_to_target(model, _UniformL1(), target, X)
+            res = prune_to_target(model, _UniformL1(), target, X, calib=_NO_CALIBRATION)
         print(f"{model_name} uniform -> {target}: achieved {res.macs_reduction:.5f}")
         assert target <= res.macs_reduction <= target + res.tolerance, (target, res.macs_reduction)
         assert res.tolerance == pytest.approx(0.001)
@@ -284,7 +289,7 @@ def test_round_to_on_widths_that_are_not_multiples(uniform: bool, caplog) -> Non
         method = _UniformL1() if uniform else available_methods()["l1"]()
         caplog.clear()
         with caplog.at_level(logging.WARNING, logger="prunebench.engine"):
-            res = prune_to_target(model, method, target, x, round_to=8)
+            res = prune_to_target(model, method, target, x, round_to=8, calib=_NO_CALIBRATION if uniform else None)
         widths = {"a": model.a.out_channels, "b": model.b.out_channels, "c": model.c.out_channels}
         print(f"odd widths, uniform={uniform} -> {target}: {res.macs_reduction:.4f} (tol {res.tolerance:.4f}) {widths}")
         assert all(w % 8 == 0 or w == dense for w, dense in zip(widths.values(), (12, 20, 24))), widths

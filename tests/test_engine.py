@@ -46,7 +46,7 @@ def make(name: str) -> tuple[nn.Module, Tensor]:
 
 
 def needs_calibration(cls: type[PruningMethod]) -> bool:
-    return cls.uniform or cls.select is not PruningMethod.select
+    return cls.calibrated
 
 
 def method_model_cases() -> list:

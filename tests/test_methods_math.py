@@ -147,7 +147,7 @@ def test_registry_lists_the_methods_with_descriptions_and_citations() -> None:
         assert cls.name == name
         assert cls.description and "\n" not in cls.description
         assert cls.has_sparsity_training()
-        assert not cls.uniform
+        assert not cls.calibrated
     citations = {"oicsr": "arXiv:1905.11664", "group_lasso": "Wen et al.", "slimming": "Liu et al."}
     for name, cite in citations.items():
         doc = sys.modules[methods[name].__module__].__doc__ or ""

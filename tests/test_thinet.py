@@ -97,7 +97,7 @@ def run_select(case: Case, n_remove: int, side: int, **params: object) -> Tensor
 # -- the contract ----------------------------------------------------------------------------------------
 def test_registered_uniform_without_sparsity_training() -> None:
     cls = get_method("thinet")
-    assert cls is ThiNet and cls.uniform and not cls.has_sparsity_training()
+    assert cls is ThiNet and cls.calibrated and not cls.has_sparsity_training()
     m = build_method({"name": "thinet", "samples_per_image": 5, "seed": 3})
     assert m.param_dict() == {"samples_per_image": 5, "max_rows": 4096, "reconstruct": True, "seed": 3}
     with pytest.raises(UserError, match="samples_per_image"):

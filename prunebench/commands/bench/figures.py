@@ -204,12 +204,12 @@ def prune_all(w: Workload) -> Pruning:
     for name, cls in available_methods().items():
         for rt in (None, w.cfg.round_to):
             label = name if rt is None else f"{name}{ROUNDED}{rt}"
-            calib = w.calibration(dense) if cls.uniform else None
+            calib = w.calibration(dense) if cls.calibrated else None
             torch.manual_seed(0)
             model, res = w.prune(dense, build_method({"name": name}), calib, rt)
             out.models[label] = PrunedModel(model=model, seconds=res.seconds, timings=res.timings,
                                             macs=res.macs_after, macs_ratio=dense_macs / res.macs_after,
-                                            macs_reduction=res.macs_reduction, uniform=cls.uniform)  # fmt: skip
+                                            macs_reduction=res.macs_reduction, uniform=cls.calibrated)  # fmt: skip
     return out
 
 

@@ -210,7 +210,7 @@ def _cell_setup(ctx: Context, dense: nn.Module, method: PruningMethod, seed: int
     dense_groups = groups if start is None else build_groups(dense, ctx.example, scope=prune.scope,
                                                              ignored_layers=prune.ignored_layers)[1]
     calib = None
-    if method.uniform:
+    if method.calibrated:
         g = torch.Generator().manual_seed(seed)
         images = ctx.data.calibration_batch(recipe.prune.calib_images, g)
         calib = Calibration(model=model, batches=list(images.split(recipe.data.eval_batch_size)))
