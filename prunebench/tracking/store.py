@@ -26,6 +26,7 @@ from prunebench.files import sqlite_lock
 from prunebench.tracking.schema import DEFAULT_URI
 
 CONNECT_TIMEOUT_S = 5  # an unreachable server fails the command in seconds, before any work
+WHERE_URI = "tracking.uri in the recipe, --tracking-uri, or MLFLOW_TRACKING_URI"
 
 
 def quiet_mlflow() -> None:
@@ -93,7 +94,7 @@ def probe(uri: str) -> None:
     except (OSError, ValueError) as exc:
         reason = getattr(exc, "reason", exc)
         raise UserError(f"tracking URI {uri!r} cannot be reached ({reason}); start the MLflow server or fix "
-                        "tracking.uri / MLFLOW_TRACKING_URI") from None
+                        f"the URI ({WHERE_URI})") from None
 
 
 @contextmanager
@@ -135,8 +136,8 @@ def connect(uri: str | None, experiment: str) -> str:
         with fail_fast(), sqlite_lock(uri):
             retry(mlflow.set_experiment, experiment, transient=is_race)
     except Exception as exc:  # unreachable server, bad scheme, deleted experiment, locked file...
-        raise UserError(f"tracking URI {uri!r} cannot be used ({one_line(exc)}); start the server or fix tracking.uri / "
-                        "MLFLOW_TRACKING_URI") from None
+        raise UserError(f"tracking URI {uri!r} cannot be used ({one_line(exc)}); start the server or fix the URI "
+                        f"({WHERE_URI})") from None
     return uri
 
 
