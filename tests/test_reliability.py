@@ -24,6 +24,7 @@ import yaml
 
 from prunebench.cache import TrainingCheckpoint
 from prunebench.cli import main
+from prunebench.files import load_torch
 
 from conftest import ROOT, TINY_RECIPE
 
@@ -198,7 +199,7 @@ def test_cell_resumes_from_any_stage_of_iterative_pruning(method, stop_at, tmp_p
     from prunebench.cache import cell_checkpoint_path
     from prunebench.measure import count_macs
     from prunebench.commands.run import CellCheckpoints, Context, dense_model, train_and_prune
-    from prunebench.recipe import load_recipe
+    from prunebench.registry import load_recipe
 
     recipe = load_recipe(_recipe_in(tmp_path, TINY_RECIPE, sparsity={"epochs": 2, "lr": 0.01},
                                     prune={"target": 0.4, "scope": "internal", "iterations": 2, "epochs_between": 1,
@@ -378,6 +379,43 @@ def test_checkpoints_never_execute_code(tmp_path, write_recipe, tiny_recipe, cap
     assert main(["run", str(write_recipe(tiny_recipe)), "-q"]) == 2
     assert "cannot be read as a weights-only state dict" in capsys.readouterr().err
     assert not (tmp_path / "code-ran").exists()
+
+
+def test_a_corrupt_cached_dense_model_is_moved_aside_and_trained_again(tmp_path, capsys) -> None:
+    """A truncated dense cache file (a crash of an older version, a full disk) does not stop later runs:
+    it is named in one warning, moved aside as ``<name>.corrupt`` and the dense model is trained again."""
+    recipe = _recipe_in(tmp_path, TINY_RECIPE)
+    assert main(["run", str(recipe), "-q"]) == 0
+    (cached,) = [p for p in (tmp_path / "work" / "dense").glob("*.pt") if not p.name.endswith(".partial.pt")]
+    data = cached.read_bytes()
+    cached.write_bytes(data[: len(data) // 2])
+    capsys.readouterr()
+    assert main(["run", str(recipe)]) == 0
+    out, err = capsys.readouterr()
+    aside = cached.with_name(cached.name + ".corrupt")
+    assert aside.is_file() and aside.stat().st_size == len(data) // 2
+    assert str(cached) in err and "cannot be read" in err and "Traceback" not in err, err
+    assert "training the dense model" in out and "dense model from cache" not in out, out
+    assert "state_dict" in load_torch(cached)  # a new, complete file under the cache's name
+    _, parents, cells = _runs(tmp_path, "tiny")
+    assert sorted(r.info.status for r in parents + cells) == ["FINISHED"] * 4  # a parent and a cell per invocation
+
+
+def test_a_truncated_user_checkpoint_exits_2_naming_it(tmp_path, write_recipe, tiny_recipe, capsys) -> None:
+    """The user's dense.checkpoint, unlike a cached file, is never moved aside: one line naming it, exit 2."""
+    from prunebench.models import create_model
+    from prunebench.recipe import ModelConfig
+
+    path = tmp_path / "dense.pt"
+    torch.save(create_model(ModelConfig(name="resnet8_cifar"), num_classes=4, in_chans=3).state_dict(), path)
+    path.write_bytes(path.read_bytes()[:1000])
+    tiny_recipe["dense"] = {"epochs": 1, "checkpoint": str(path)}
+    assert main(["run", str(write_recipe(tiny_recipe)), "-q"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and "Traceback" not in err, err
+    assert f"dense.checkpoint {str(path)!r} cannot be read" in err, err
+    assert path.stat().st_size == 1000 and not path.with_name("dense.pt.corrupt").exists()
+    assert not (tmp_path / "mlflow.db").exists() and not (tmp_path / ".prunebench").exists()
 
 
 def test_every_torch_load_is_weights_only() -> None:
