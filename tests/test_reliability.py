@@ -22,11 +22,10 @@ import pytest
 import torch
 import yaml
 
+from conftest import ROOT, TINY_RECIPE
 from prunebench.cache import TrainingCheckpoint
 from prunebench.cli import main
 from prunebench.files import load_torch
-
-from conftest import ROOT, TINY_RECIPE
 
 # Long enough epochs (6 steps) that a signal sent right after a checkpoint lands inside the next epoch.
 RESUME_RECIPE: dict = {
@@ -197,8 +196,8 @@ def test_cell_resumes_from_any_stage_of_iterative_pruning(method, stop_at, tmp_p
     """In-process: a cell stopped in any stage (iterative pruning: sparsity, prune, between, prune,
     fine-tune) and resumed from its checkpoint ends with the uninterrupted cell's exact weights."""
     from prunebench.cache import cell_checkpoint_path
-    from prunebench.measure import count_macs
     from prunebench.commands.run import CellCheckpoints, Context, dense_model, train_and_prune
+    from prunebench.measure import count_macs
     from prunebench.registry import load_recipe
 
     recipe = load_recipe(_recipe_in(tmp_path, TINY_RECIPE, sparsity={"epochs": 2, "lr": 0.01},
@@ -478,7 +477,7 @@ def test_two_runs_share_one_store_and_dense_cache(tmp_path) -> None:
                         dense={"epochs": 10, "lr": 0.05})
     procs = [_start(recipe) for _ in range(2)]
     outs = [p.communicate(timeout=300) for p in procs]
-    for p, (out, err) in zip(procs, outs):
+    for p, (_out, err) in zip(procs, outs):
         assert p.returncode == 0, err
     stdout = "".join(out for out, _ in outs)
     assert stdout.count("training the dense model") == 1, stdout  # trained once ...
