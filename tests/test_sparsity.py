@@ -99,13 +99,13 @@ def test_zero_fraction_against_numpy_and_the_norms_record() -> None:
     start = [n.detach().numpy().copy() for n in method.regularized_norms()]
     medians = [np.median(s) for s in start]
     # zero whole out-in groups: three channels of the first group, one of the second
-    from prunebench.methods._group_sparsity import plan_group
+    from prunebench.norms import group_slices
 
     with torch.no_grad():
         for g, chans in ((groups[0], [0, 1, 2]), (groups[1], [3])):
             factor = torch.ones(g.size)
             factor[chans] = 0.01 * ZERO_THRESHOLD  # well under the threshold
-            plan_group(g, "all").scale_(factor)
+            group_slices(g, "all").scale_(factor)
     now = [n.detach().numpy() for n in method.regularized_norms()]
     expected = np.mean(np.concatenate([n / m for n, m in zip(now, medians)]) < ZERO_THRESHOLD)
     assert mon.zero_frac() == pytest.approx(expected) and expected == pytest.approx(4 / sum(g.size for g in groups))
@@ -143,7 +143,7 @@ def test_a_strong_regularizer_zeroes_channels_and_a_weak_one_does_not(name: str)
 
 
 def test_group_lasso_scores_the_group_it_regularizes() -> None:
-    from prunebench.methods._group_sparsity import member_slice, plan_group
+    from prunebench.norms import group_slices, member_slice
 
     _, groups, gl = _attached({"name": "group_lasso"})
     filt = build_method({"name": "group_lasso", "score": "filter"})
@@ -152,7 +152,7 @@ def test_group_lasso_scores_the_group_it_regularizes() -> None:
         norm = g.norm_layer()
         norm.weight.copy_(torch.linspace(2.0, 0.1, g.size))
     whole = torch.sqrt(sum(((p.detach().movedim(d, 0).reshape(p.shape[d], -1)) ** 2).sum(1)
-                           for s in plan_group(g, "root").slices for p, d in [(s.param, s.dim)]))
+                           for s in group_slices(g, "root").slices for p, d in [(s.param, s.dim)]))
     assert torch.allclose(gl.score(g), whole, rtol=1e-5)
     root = next(m for m in g.part("out") if m.module is g.root)
     assert torch.allclose(filt.score(g), member_slice(root, root.module.weight, 0).sq_norms().sqrt(), rtol=1e-5)
@@ -244,7 +244,7 @@ def quickstart_dense(tmp_path_factory):
     import os
 
     from prunebench.commands.run import Context, dense_model
-    from prunebench.recipe import load_recipe
+    from prunebench.registry import load_recipe
 
     from conftest import ROOT
 
