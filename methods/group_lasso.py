@@ -40,14 +40,17 @@ class GroupLassoParams(GroupSparsityParams):
     """Group lasso's parameters: ``lambda``, ``mode`` and which norm ranks the channels."""
 
     score: Literal["group", "filter"] = Field(
-        "group", description="'group': norm of the regularized group (filter, bias, gamma, beta); 'filter': "
-        "the root filter's norm only (ablation)"
+        "group",
+        description="'group': norm of the regularized group (filter, bias, gamma, beta); 'filter': "
+        "the root filter's norm only (ablation)",
     )
 
 
 @register_method("group_lasso")
 class GroupLasso(GroupSparsityMethod[GroupLassoParams]):
-    description = "group lasso on the root layer's out-channels (Wen et al. 2016, SSL), regularized-group norm importance"
+    description = (
+        "group lasso on the root layer's out-channels (Wen et al. 2016, SSL), regularized-group norm importance"
+    )
     normalize = "max"
     part: ClassVar[Part] = "root"
 

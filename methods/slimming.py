@@ -43,8 +43,11 @@ class SlimmingParams(LambdaParams):
     """Network Slimming's L1 factor on BN gammas."""
 
     lambda_: float = Field(
-        1e-3, alias="lambda", ge=0, description="L1 factor on BN gamma (calibrated for a 40-epoch stage at lr 0.01; "
-        "the paper's 1e-5 goes with 160 epochs from scratch at lr 0.1)"
+        1e-3,
+        alias="lambda",
+        ge=0,
+        description="L1 factor on BN gamma (calibrated for a 40-epoch stage at lr 0.01; "
+        "the paper's 1e-5 goes with 160 epochs from scratch at lr 0.1)",
     )
 
 

@@ -206,7 +206,7 @@ def collect_terms(
     """
     judged = {g: _judged_consumer(g) for g in groups}
     by_module: dict[nn.Module, list[Tensor]] = {}
-    for g, m in judged.items():
+    for m in judged.values():
         if _supported(m):
             by_module.setdefault(m.module, [])
     quota = row_quota([b.shape[0] for b in calib.batches], params.samples_per_image, params.max_rows)

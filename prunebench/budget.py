@@ -74,8 +74,11 @@ class MacsCostModel:
         # The part of `rest` that is not a conv/linear/norm layer outside the groups (adaptive pooling,
         # functional ops): it may shrink with a group the model does not see (a global pool behind a
         # pruned conv), so plans keep a margin for it (see plan_slack).
-        fixed = sum(report.by_module.get(n, 0) for n, m in model.named_modules()
-                    if m not in index and isinstance(m, CONV_FC + NORM_TYPES))
+        fixed = sum(
+            report.by_module.get(n, 0)
+            for n, m in model.named_modules()
+            if m not in index and isinstance(m, CONV_FC + NORM_TYPES)
+        )
         self.unmodelled = max(self.rest - float(fixed), 0.0)
 
     def remove(self, group: int, k: int, commit: bool = True) -> float:
@@ -298,14 +301,21 @@ def match_counts(
         # exact local search from the attempt closest to the band: change one group's option at a time
         sel, m = min(seen, key=lambda s: abs(s[1] - (target_macs - slack / 2)))
         for _ in range(3):
-            moves = [(exact(sel[:g] + [i] + sel[g + 1:]), g, i) for g in range(len(choices))
-                     for i in range(len(choices[g])) if i != sel[g]]
+            moves = [
+                (exact(sel[:g] + [i] + sel[g + 1 :]), g, i)
+                for g in range(len(choices))
+                for i in range(len(choices[g]))
+                if i != sel[g]
+            ]
             if not moves:
                 break
             good = [mv for mv in moves if inside(mv[0])]
-            m, g, i = (min(good, key=lambda mv: (pens[mv[1]][mv[2]] - pens[mv[1]][sel[mv[1]]], -mv[0])) if good
-                       else min(moves, key=lambda mv: abs(mv[0] - (target_macs - slack / 2))))
-            sel = sel[:g] + [i] + sel[g + 1:]
+            m, g, i = (
+                min(good, key=lambda mv: (pens[mv[1]][mv[2]] - pens[mv[1]][sel[mv[1]]], -mv[0]))
+                if good
+                else min(moves, key=lambda mv: abs(mv[0] - (target_macs - slack / 2)))
+            )
+            sel = sel[:g] + [i] + sel[g + 1 :]
             seen.append((sel, m))
             if inside(m):
                 break
@@ -372,18 +382,26 @@ def plan_slack(cost: MacsCostModel, slack: float, max_layer_ratio: float) -> flo
     return slack - min(margin, slack / 2)
 
 
-def warn_outside_band(macs: float, target_macs: float, slack: float, ref: float, tol: float, round_to: int | None,
-                       uniform: bool = False) -> None:
+def warn_outside_band(
+    macs: float, target_macs: float, slack: float, ref: float, tol: float, round_to: int | None, uniform: bool = False
+) -> None:
     """The one warning of a plan that could not land within the matched-budget band."""
     if macs >= target_macs - slack:
         return
-    why = ("one ratio for every group (within one channel) leaves" if uniform
-           else "the channel costs and the layer caps leave")
+    why = (
+        "one ratio for every group (within one channel) leaves"
+        if uniform
+        else "the channel costs and the layer caps leave"
+    )
     if round_to is not None and round_to > 1:
         why = why.replace(" leave", f" with round_to={round_to} leave")
     logger.warning(
         "MACs target %.2f%% reached as %.3f%% (%.3f pp past it, tolerance %.3f pp): %s no closer plan",
-        100 * (1 - target_macs / ref), 100 * (1 - macs / ref), 100 * (target_macs - macs) / ref, 100 * tol, why,
+        100 * (1 - target_macs / ref),
+        100 * (1 - macs / ref),
+        100 * (target_macs - macs) / ref,
+        100 * tol,
+        why,
     )
 
 

@@ -16,8 +16,8 @@ Every file is written with :func:`prunebench.files.atomic_save` and read with
 from __future__ import annotations
 
 import hashlib
-import os
 import json
+import os
 import random
 import tempfile
 from dataclasses import dataclass
@@ -67,8 +67,12 @@ def dense_key(recipe: Recipe, seed: int) -> str:
 def recipe_key(recipe: Recipe) -> str:
     """Hash of the resolved recipe minus where it is logged: ``--resume`` reopens a parent run with this key."""
     # sparsity.require_pull only checks the recipe: turning it on must not orphan the runs --resume finds
-    return _hash({"v": CHECKPOINT_VERSION,
-                  **recipe.model_dump(mode="json", exclude={"tracking": True, "sparsity": {"require_pull"}})})
+    return _hash(
+        {
+            "v": CHECKPOINT_VERSION,
+            **recipe.model_dump(mode="json", exclude={"tracking": True, "sparsity": {"require_pull"}}),
+        }
+    )
 
 
 def cell_key(recipe_hash: str, spec: dict[str, Any], seed: int, target: float) -> str:
@@ -112,8 +116,9 @@ def check_writable(folder: Path, what: str = "workdir") -> None:
         with tempfile.TemporaryFile(dir=probe):
             pass
     except OSError as exc:
-        raise UserError(f"{what} {str(folder)!r} is not writable ({exc.strerror or exc}); set {what} to a "
-                        "writable folder") from None
+        raise UserError(
+            f"{what} {str(folder)!r} is not writable ({exc.strerror or exc}); set {what} to a writable folder"
+        ) from None
 
 
 # -- RNG state -----------------------------------------------------------------------------------------
@@ -168,9 +173,16 @@ class TrainingCheckpoint:
     def save(self, model: nn.Module, path: Path) -> None:
         """Write the checkpoint (model, optimizer and RNG states) atomically to ``path``."""
         payload = pruned_payload(model)
-        payload["checkpoint"] = {"version": CHECKPOINT_VERSION, "kind": self.kind, "key": self.key,
-                                 "phase": self.phase, "stage": self.stage, "epoch": self.epoch, "step": self.step,
-                                 "run_id": self.run_id}
+        payload["checkpoint"] = {
+            "version": CHECKPOINT_VERSION,
+            "kind": self.kind,
+            "key": self.key,
+            "phase": self.phase,
+            "stage": self.stage,
+            "epoch": self.epoch,
+            "step": self.step,
+            "run_id": self.run_id,
+        }
         payload["optimizer"] = self.optimizer
         payload["rng"] = self.rng if self.rng is not None else rng_state()
         atomic_save(payload, path)

@@ -34,15 +34,44 @@ from sklearn.datasets import load_digits
 from torch import Tensor
 from torchvision import datasets
 
-from prunebench.datamodule import (CIFAR10_MEAN, CIFAR10_STD, CIFAR100_MEAN, CIFAR100_STD, Batch, Batches, DataModule,
-                                   Split, TensorSplit, carve, channel_stats, crop_flip, expand_path, resolve_device)
+from prunebench.datamodule import (
+    CIFAR10_MEAN,
+    CIFAR10_STD,
+    CIFAR100_MEAN,
+    CIFAR100_STD,
+    Batch,
+    Batches,
+    DataModule,
+    Split,
+    TensorSplit,
+    carve,
+    channel_stats,
+    crop_flip,
+    expand_path,
+    resolve_device,
+)
 from prunebench.errors import UserError
 from prunebench.imagefolder import ImageFolderData, SeededCrops, load_imagefolder
 from prunebench.recipe import DataConfig
 
-__all__ = ["CIFAR10_MEAN", "CIFAR10_STD", "CIFAR100_MEAN", "CIFAR100_STD", "Batch", "Batches", "DataModule",
-           "ImageFolderData", "SeededCrops", "Split", "TensorSplit", "carve", "channel_stats", "crop_flip",
-           "load_data", "synthetic_images"]
+__all__ = [
+    "CIFAR10_MEAN",
+    "CIFAR10_STD",
+    "CIFAR100_MEAN",
+    "CIFAR100_STD",
+    "Batch",
+    "Batches",
+    "DataModule",
+    "ImageFolderData",
+    "SeededCrops",
+    "Split",
+    "TensorSplit",
+    "carve",
+    "channel_stats",
+    "crop_flip",
+    "load_data",
+    "synthetic_images",
+]
 # --------------------------------------------------------------------------------------------------
 # sources
 
@@ -63,14 +92,30 @@ class _CifarLayout:
 
 _CIFAR = {
     "cifar10": _CifarLayout(
-        "CIFAR-10", "cifar-10-batches-py", tuple(f"data_batch_{i}" for i in range(1, 6)), "test_batch",
-        "labels", "batches.meta", "label_names", CIFAR10_MEAN, CIFAR10_STD, 10,
+        "CIFAR-10",
+        "cifar-10-batches-py",
+        tuple(f"data_batch_{i}" for i in range(1, 6)),
+        "test_batch",
+        "labels",
+        "batches.meta",
+        "label_names",
+        CIFAR10_MEAN,
+        CIFAR10_STD,
+        10,
     ),
     "cifar100": _CifarLayout(
-        "CIFAR-100", "cifar-100-python", ("train",), "test", "fine_labels", "meta", "fine_label_names",
-        CIFAR100_MEAN, CIFAR100_STD, 100,
+        "CIFAR-100",
+        "cifar-100-python",
+        ("train",),
+        "test",
+        "fine_labels",
+        "meta",
+        "fine_label_names",
+        CIFAR100_MEAN,
+        CIFAR100_STD,
+        100,
     ),
-}  # fmt: skip
+}
 
 
 def _cifar_folder(root: Path, layout: _CifarLayout) -> Path:
@@ -106,9 +151,13 @@ class _CifarUnpickler(pickle.Unpickler):
     """
 
     _ALLOWED = {
-        ("numpy.core.multiarray", "_reconstruct"), ("numpy._core.multiarray", "_reconstruct"),
-        ("numpy", "ndarray"), ("numpy", "dtype"), ("numpy.core.multiarray", "scalar"),
-        ("numpy._core.multiarray", "scalar"), ("_codecs", "encode"),  # how protocol-2 pickles store bytes
+        ("numpy.core.multiarray", "_reconstruct"),
+        ("numpy._core.multiarray", "_reconstruct"),
+        ("numpy", "ndarray"),
+        ("numpy", "dtype"),
+        ("numpy.core.multiarray", "scalar"),
+        ("numpy._core.multiarray", "scalar"),
+        ("_codecs", "encode"),  # how protocol-2 pickles store bytes
     }
 
     def find_class(self, module: str, name: str) -> Any:
@@ -214,7 +263,6 @@ def _load_synthetic(cfg: DataConfig, device: torch.device) -> DataModule:
     train = TensorSplit(x[:n], y[:n], torch.arange(n))
     test = TensorSplit(x[n:], y[n:], torch.arange(n_test))
     return DataModule.from_tensors(cfg, train, test, k, device, classes=[f"class{i}" for i in range(k)])
-
 
 
 _SOURCES: dict[str, Callable[[DataConfig, torch.device], DataModule]] = {

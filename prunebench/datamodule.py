@@ -214,10 +214,21 @@ class DataModule:
         dev = resolve_device(device)
         _, c, h, _ = train.images.shape
         return cls(
-            name=cfg.name, train=tr.to(dev), val=val.to(dev), test=test.to(dev), num_classes=num_classes,
-            in_chans=c, image_size=h, mean=mean, std=std, device=dev, augment=cfg.augment,
-            batch_size=cfg.batch_size, eval_batch_size=cfg.eval_batch_size, classes=classes,
-        )  # fmt: skip
+            name=cfg.name,
+            train=tr.to(dev),
+            val=val.to(dev),
+            test=test.to(dev),
+            num_classes=num_classes,
+            in_chans=c,
+            image_size=h,
+            mean=mean,
+            std=std,
+            device=dev,
+            augment=cfg.augment,
+            batch_size=cfg.batch_size,
+            eval_batch_size=cfg.eval_batch_size,
+            classes=classes,
+        )
 
     # ---- public API ------------------------------------------------------------------------------
 
@@ -262,8 +273,10 @@ class DataModule:
 
     def __repr__(self) -> str:
         sizes = ", ".join(f"{k}={v}" for k, v in self.split_sizes().items())
-        return (f"{type(self).__name__}({self.name!r}, {sizes}, classes={self.num_classes}, "
-                f"shape={self.in_chans}x{self.image_size}x{self.image_size}, device={self.device})")  # fmt: skip
+        return (
+            f"{type(self).__name__}({self.name!r}, {sizes}, classes={self.num_classes}, "
+            f"shape={self.in_chans}x{self.image_size}x{self.image_size}, device={self.device})"
+        )
 
     # ---- in-memory implementation ----------------------------------------------------------------
 
@@ -291,4 +304,3 @@ class DataModule:
                 yield self.normalize(part.images[start : start + bs]), part.labels[start : start + bs]
 
         return Batches(math.ceil(len(part) / bs), batches)
-

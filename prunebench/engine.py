@@ -33,8 +33,20 @@ import numpy as np
 import torch
 from torch import Tensor, nn
 
-from prunebench.budget import (CONV_FC, REACH, MacsCostModel, budget_tolerance, chunk, count_steps, group_caps,
-                               match_counts, plan_slack, single_gains, unreachable, warn_outside_band)
+from prunebench.budget import (
+    CONV_FC,
+    REACH,
+    MacsCostModel,
+    budget_tolerance,
+    chunk,
+    count_steps,
+    group_caps,
+    match_counts,
+    plan_slack,
+    single_gains,
+    unreachable,
+    warn_outside_band,
+)
 from prunebench.errors import UserError
 from prunebench.groups import PrunableGroup, Scope, build_groups, index_mapping_refresh_skipped
 from prunebench.measure import count_macs
@@ -152,8 +164,9 @@ def plan_global(
                 unreachable(cost.macs, target_macs, max_layer_ratio)
             steps = [count_steps(sizes[h], removed[h], caps[h], round_to, REACH) for h in range(len(groups))]
             choices = [c for c, _ in steps]
-            gains = [[cost.macs - cost.remove(h, v - removed[h], commit=False) for v in c]
-                     for h, c in enumerate(choices)]
+            gains = [
+                [cost.macs - cost.remove(h, v - removed[h], commit=False) for v in c] for h, c in enumerate(choices)
+            ]
             pick = match_counts(cost, choices, gains, [m for _, m in steps], target_macs, slack, goal)
             if pick is None:
                 unreachable(cost.macs, target_macs, max_layer_ratio)
@@ -212,14 +225,26 @@ def plan_uniform(
             mid = (lo + hi) // 2
             lo, hi = (lo, mid) if cost.macs_for(counts(ratios[mid])) <= target_macs * (1 + 1e-12) else (mid, hi)
         bases = [counts(ratios[j]) for j in range(lo, max(lo - REACH, -1), -1)]  # the common ratio and a few below
-        n_remove = _fill_step(cost, bases, counts(ratios[hi]), target_macs, sizes=sizes, caps=caps, round_to=round_to,
-                              ref=ref, tol=tol, slack=plan_slack(cost, tol * ref, max_layer_ratio))
+        n_remove = _fill_step(
+            cost,
+            bases,
+            counts(ratios[hi]),
+            target_macs,
+            sizes=sizes,
+            caps=caps,
+            round_to=round_to,
+            ref=ref,
+            tol=tol,
+            slack=plan_slack(cost, tol * ref, max_layer_ratio),
+        )
     overrides = type(method).select is not PruningMethod.select
     plan = []
     for g, n in zip(groups, n_remove.tolist()):
         idx = _select(method, g, n, calib) if n and overrides else None
         if idx is None:
-            idx = torch.argsort(score_groups(method, [g])[0], stable=True)[:n] if n else torch.empty(0, dtype=torch.long)
+            idx = (
+                torch.argsort(score_groups(method, [g])[0], stable=True)[:n] if n else torch.empty(0, dtype=torch.long)
+            )
         plan.append(idx)
     return plan
 
@@ -311,9 +336,10 @@ def cut(graph: Any, groups: Sequence[PrunableGroup], plan: Sequence[Tensor]) -> 
 
 def _layer_dims(model: nn.Module) -> dict[str, tuple[str, int, int]]:
     return {
-        n: (type(m).__name__, *(
-            (m.in_features, m.out_features) if isinstance(m, nn.Linear) else (m.in_channels, m.out_channels)
-        ))
+        n: (
+            type(m).__name__,
+            *((m.in_features, m.out_features) if isinstance(m, nn.Linear) else (m.in_channels, m.out_channels)),
+        )
         for n, m in model.named_modules()
         if isinstance(m, CONV_FC)
     }
@@ -385,8 +411,9 @@ def prune_to_target(
     target_macs = ref * (1.0 - target)
     caps = group_caps(groups, max_layer_ratio, round_to, dense_widths)
     tol = budget_tolerance(cost, groups, ref, round_to, caps=caps)
-    budget = dict(max_layer_ratio=max_layer_ratio, round_to=round_to, dense_widths=dense_widths,
-                  reference_macs=ref, tolerance=tol)
+    budget = dict(
+        max_layer_ratio=max_layer_ratio, round_to=round_to, dense_widths=dense_widths, reference_macs=ref, tolerance=tol
+    )
     if method.calibrated:
         plan = plan_uniform(groups, method, cost, target_macs, calib=calib, **budget)
     else:

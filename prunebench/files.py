@@ -99,6 +99,10 @@ def load_cached(path: str | Path) -> Any | None:
     except Exception as exc:
         aside = path.with_name(path.name + ".corrupt")
         os.replace(path, aside)
-        log.warning("cached file %s cannot be read (%s); moved it to %s and computing it again", path,
-                    one_line(exc, 160), aside.name)
+        log.warning(
+            "cached file %s cannot be read (%s); moved it to %s and computing it again",
+            path,
+            one_line(exc, 160),
+            aside.name,
+        )
         return None

@@ -294,7 +294,11 @@ def _reroot_off_depthwise(graph: Any, group: PrunableGroup, names: dict[nn.Modul
     if not is_depthwise(group.root):
         return group
     cand = next(
-        (m for m in group.members if m.kind == "out" and not m.is_norm and not is_depthwise(m.module) and m.idxs.shape[1] == 1),
+        (
+            m
+            for m in group.members
+            if m.kind == "out" and not m.is_norm and not is_depthwise(m.module) and m.idxs.shape[1] == 1
+        ),
         None,
     )
     if cand is None:

@@ -93,9 +93,14 @@ class ImageFolderData(DataModule):
         not from torch's global RNG (nothing random runs in the workers anyway).
         """
         return DataLoader(
-            dataset, batch_size=bs, sampler=order, num_workers=self.workers, generator=torch.Generator(),
-            pin_memory=self.device.type == "cuda", drop_last=False,
-        )  # fmt: skip
+            dataset,
+            batch_size=bs,
+            sampler=order,
+            num_workers=self.workers,
+            generator=torch.Generator(),
+            pin_memory=self.device.type == "cuda",
+            drop_last=False,
+        )
 
     def _on_device(self, loader: Any) -> Batches:
         def batches() -> Iterator[Batch]:
@@ -126,7 +131,6 @@ class ImageFolderData(DataModule):
         return self.normalize(x.to(self.device))
 
 
-
 def load_imagefolder(cfg: DataConfig, device: torch.device) -> DataModule:
     """``<root>/train/<class>/*`` (train + carved val) and ``<root>/val/<class>/*`` (test) via torchvision."""
     if not cfg.root:
@@ -154,8 +158,20 @@ def load_imagefolder(cfg: DataConfig, device: torch.device) -> DataModule:
     keep, held = holdout(len(train_raw), cfg.val_split, cfg.split_seed)
     keep_l, held_l = keep.tolist(), held.tolist()
     return ImageFolderData(
-        name=cfg.name, train=Subset(train_raw, keep_l), val=Subset(train_eval, held_l), test=test,
-        train_plain=Subset(train_eval, keep_l), workers=cfg.workers, num_classes=len(train_raw.classes),
-        in_chans=3, image_size=size, mean=IMAGENET_MEAN, std=IMAGENET_STD, device=device, augment=cfg.augment,
-        batch_size=cfg.batch_size, eval_batch_size=cfg.eval_batch_size, classes=train_raw.classes,
-    )  # fmt: skip
+        name=cfg.name,
+        train=Subset(train_raw, keep_l),
+        val=Subset(train_eval, held_l),
+        test=test,
+        train_plain=Subset(train_eval, keep_l),
+        workers=cfg.workers,
+        num_classes=len(train_raw.classes),
+        in_chans=3,
+        image_size=size,
+        mean=IMAGENET_MEAN,
+        std=IMAGENET_STD,
+        device=device,
+        augment=cfg.augment,
+        batch_size=cfg.batch_size,
+        eval_batch_size=cfg.eval_batch_size,
+        classes=train_raw.classes,
+    )

@@ -242,10 +242,19 @@ class BasicBlock(nn.Module):
 class CifarResNet(_ClassifierMixin, nn.Module):
     """ResNet-(6n+2) for 32x32 inputs: stem, three stages of ``n`` basic blocks (16/32/64 channels), pool, linear."""
 
-    def __init__(self, n: int, num_classes: int = 10, in_chans: int = 3, shortcut: str = "A", widths: Sequence[int] = (16, 32, 64)) -> None:
+    def __init__(
+        self,
+        n: int,
+        num_classes: int = 10,
+        in_chans: int = 3,
+        shortcut: str = "A",
+        widths: Sequence[int] = (16, 32, 64),
+    ) -> None:
         super().__init__()
         if shortcut not in ("A", "B"):
-            raise UserError(f"shortcut={shortcut!r} is not a CIFAR ResNet shortcut; use 'A' (zero padding) or 'B' (1x1 conv)")
+            raise UserError(
+                f"shortcut={shortcut!r} is not a CIFAR ResNet shortcut; use 'A' (zero padding) or 'B' (1x1 conv)"
+            )
         self.conv1, self.bn1 = _conv_bn(in_chans, widths[0])
         self.relu = nn.ReLU()
         stages, cin = [], widths[0]
@@ -270,38 +279,50 @@ class CifarResNet(_ClassifierMixin, nn.Module):
         return self.forward_head(self.forward_features(x))
 
 
-def _resnet(name: str, n: int, pretrained: bool, num_classes: int, in_chans: int, shortcut: str, kwargs: dict[str, Any]) -> CifarResNet:
+def _resnet(
+    name: str, n: int, pretrained: bool, num_classes: int, in_chans: int, shortcut: str, kwargs: dict[str, Any]
+) -> CifarResNet:
     _check_kwargs(name, kwargs)
     _no_pretrained(name, pretrained)
     return CifarResNet(n, num_classes=num_classes, in_chans=in_chans, shortcut=shortcut)
 
 
 @_cifar_model
-def resnet8_cifar(pretrained: bool = False, num_classes: int = 10, in_chans: int = 3, shortcut: str = "A", **kwargs: Any) -> CifarResNet:
+def resnet8_cifar(
+    pretrained: bool = False, num_classes: int = 10, in_chans: int = 3, shortcut: str = "A", **kwargs: Any
+) -> CifarResNet:
     """ResNet-8 (n=1): not from a paper; small enough for tests and demos."""
     return _resnet("resnet8_cifar", 1, pretrained, num_classes, in_chans, shortcut, kwargs)
 
 
 @_cifar_model
-def resnet20_cifar(pretrained: bool = False, num_classes: int = 10, in_chans: int = 3, shortcut: str = "A", **kwargs: Any) -> CifarResNet:
+def resnet20_cifar(
+    pretrained: bool = False, num_classes: int = 10, in_chans: int = 3, shortcut: str = "A", **kwargs: Any
+) -> CifarResNet:
     """ResNet-20 (He et al. 2016): 0.27 M parameters, 40.6 M conv+linear MACs."""
     return _resnet("resnet20_cifar", 3, pretrained, num_classes, in_chans, shortcut, kwargs)
 
 
 @_cifar_model
-def resnet32_cifar(pretrained: bool = False, num_classes: int = 10, in_chans: int = 3, shortcut: str = "A", **kwargs: Any) -> CifarResNet:
+def resnet32_cifar(
+    pretrained: bool = False, num_classes: int = 10, in_chans: int = 3, shortcut: str = "A", **kwargs: Any
+) -> CifarResNet:
     """ResNet-32 (He et al. 2016): 0.46 M parameters, 68.9 M conv+linear MACs."""
     return _resnet("resnet32_cifar", 5, pretrained, num_classes, in_chans, shortcut, kwargs)
 
 
 @_cifar_model
-def resnet56_cifar(pretrained: bool = False, num_classes: int = 10, in_chans: int = 3, shortcut: str = "A", **kwargs: Any) -> CifarResNet:
+def resnet56_cifar(
+    pretrained: bool = False, num_classes: int = 10, in_chans: int = 3, shortcut: str = "A", **kwargs: Any
+) -> CifarResNet:
     """ResNet-56 (He et al. 2016): 0.85 M parameters, 125.5 M conv+linear MACs."""
     return _resnet("resnet56_cifar", 9, pretrained, num_classes, in_chans, shortcut, kwargs)
 
 
 @_cifar_model
-def resnet110_cifar(pretrained: bool = False, num_classes: int = 10, in_chans: int = 3, shortcut: str = "A", **kwargs: Any) -> CifarResNet:
+def resnet110_cifar(
+    pretrained: bool = False, num_classes: int = 10, in_chans: int = 3, shortcut: str = "A", **kwargs: Any
+) -> CifarResNet:
     """ResNet-110 (He et al. 2016): 1.73 M parameters, 252.9 M conv+linear MACs."""
     return _resnet("resnet110_cifar", 18, pretrained, num_classes, in_chans, shortcut, kwargs)
 
@@ -389,7 +410,15 @@ class CifarDenseNet(_ClassifierMixin, nn.Module):
     ``depth = 3 * layers_per_block + 4``; ``compression`` scales the channels at each transition (1 = none).
     """
 
-    def __init__(self, depth: int = 40, growth: int = 12, compression: float = 1.0, stem: int = 16, num_classes: int = 10, in_chans: int = 3) -> None:
+    def __init__(
+        self,
+        depth: int = 40,
+        growth: int = 12,
+        compression: float = 1.0,
+        stem: int = 16,
+        num_classes: int = 10,
+        in_chans: int = 3,
+    ) -> None:
         super().__init__()
         n = (depth - 4) // 3
         self.conv1 = nn.Conv2d(in_chans, stem, 3, padding=1, bias=False)
@@ -423,7 +452,9 @@ class CifarDenseNet(_ClassifierMixin, nn.Module):
 
 
 @_cifar_model
-def densenet40_cifar(pretrained: bool = False, num_classes: int = 10, in_chans: int = 3, **kwargs: Any) -> CifarDenseNet:
+def densenet40_cifar(
+    pretrained: bool = False, num_classes: int = 10, in_chans: int = 3, **kwargs: Any
+) -> CifarDenseNet:
     """DenseNet-40, growth rate 12, no bottleneck, no compression: 1.02 M parameters, 265 M conv+linear MACs."""
     _check_kwargs("densenet40_cifar", kwargs)
     _no_pretrained("densenet40_cifar", pretrained)
@@ -439,7 +470,9 @@ def create_model(cfg: ModelConfig, num_classes: int, in_chans: int = 3) -> nn.Mo
     if not timm.is_model(cfg.name):
         raise UserError(f"model.name: unknown model {cfg.name!r}.{close_matches(cfg.name, timm.list_models())}")
     try:
-        return timm.create_model(cfg.name, pretrained=cfg.pretrained, num_classes=num_classes, in_chans=in_chans, **cfg.kwargs)
+        return timm.create_model(
+            cfg.name, pretrained=cfg.pretrained, num_classes=num_classes, in_chans=in_chans, **cfg.kwargs
+        )
     except OSError as exc:  # no network / no Hugging Face Hub cache (URLError, LocalEntryNotFoundError, ...)
         if not cfg.pretrained:
             raise

@@ -23,6 +23,7 @@ import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from prunebench.errors import UserError, close_matches
+from prunebench.spaces import SearchSpace
 
 
 class _Strict(BaseModel):
@@ -73,8 +74,10 @@ class SparsityConfig(Schedule):
     """The sparsity-training stage: the regularized methods' hooks run, the others train plainly."""
 
     require_pull: bool = Field(
-        False, description="refuse (exit 2) a recipe whose regularized methods cannot act: sparsity_pull < 0.5 "
-        "before any training (otherwise a warning)")
+        False,
+        description="refuse (exit 2) a recipe whose regularized methods cannot act: sparsity_pull < 0.5 "
+        "before any training (otherwise a warning)",
+    )
 
 
 class DenseConfig(Schedule):
@@ -93,13 +96,21 @@ class DenseConfig(Schedule):
 class PruneConfig(_Strict):
     """How far and how the shared engine prunes (see README "Pruning engine")."""
 
-    target: float | list[float] = Field(0.5, description="MACs reduction asked for, in (0, 1); a list gives one cell per target")
+    target: float | list[float] = Field(
+        0.5, description="MACs reduction asked for, in (0, 1); a list gives one cell per target"
+    )
     scope: Literal["auto", "internal", "all"] = "auto"
-    max_layer_ratio: float = Field(0.8, gt=0, le=1, description="at most this fraction of a layer's channels is removed")
+    max_layer_ratio: float = Field(
+        0.8, gt=0, le=1, description="at most this fraction of a layer's channels is removed"
+    )
     iterations: int = Field(1, ge=1, description="prune in k steps with fine-tuning between them")
     epochs_between: int = Field(1, ge=0, description="fine-tuning epochs between iterative pruning steps")
-    ignored_layers: list[str] = Field(default_factory=list, description="module names never pruned (besides stem and classifier)")
-    round_to: int | None = Field(None, ge=1, description="keep channel counts multiples of this (speed on real hardware)")
+    ignored_layers: list[str] = Field(
+        default_factory=list, description="module names never pruned (besides stem and classifier)"
+    )
+    round_to: int | None = Field(
+        None, ge=1, description="keep channel counts multiples of this (speed on real hardware)"
+    )
     calib_images: int = Field(256, ge=1, description="training images shown to calibration-based methods (ThiNet)")
 
     @field_validator("target")
@@ -142,65 +153,6 @@ class MeasureConfig(_Strict):
     repeats: int = Field(10, ge=1)
 
 
-class SearchSpace(_Strict):
-    """The range (or the choices) ``prunebench tune`` searches for one method parameter.
-
-    ``low``/``high`` give a float range (an int range when both are integers), sampled on a log scale
-    with ``log: true``; ``choices`` gives a categorical parameter instead.
-    """
-
-    low: float | int | None = None
-    high: float | int | None = None
-    log: bool = Field(False, description="sample uniformly in log space (regularization factors: true)")
-    step: float | int | None = Field(None, gt=0, description="discretization step of the range (not with log)")
-    choices: list[Any] | None = Field(None, min_length=1, description="categorical values instead of a range")
-
-    @model_validator(mode="after")
-    def _one_form(self) -> SearchSpace:
-        if self.choices is not None:
-            if self.low is not None or self.high is not None or self.log or self.step is not None:
-                raise ValueError("a search space has either choices or low/high (with log/step), not both")
-            return self
-        if self.low is None or self.high is None:
-            raise ValueError("a search space needs low and high (e.g. {low: 1.0e-6, high: 1.0e-2, log: true}) or choices")
-        if not self.low <= self.high:
-            raise ValueError(f"search space low {self.low} is above high {self.high}")
-        if self.log and self.low <= 0:
-            raise ValueError(f"a log-scale search space needs low > 0 (got {self.low})")
-        if self.log and self.step is not None:
-            raise ValueError("a search space cannot have both log: true and a step")
-        return self
-
-    @property
-    def ends(self) -> list[Any]:
-        """The values that bound the space (every choice, or low and high): all must be valid values."""
-        return list(self.choices) if self.choices is not None else [self.low, self.high]
-
-    @property
-    def is_int(self) -> bool:
-        return all(isinstance(v, int) and not isinstance(v, bool) for v in (self.low, self.high)) and (
-            self.step is None or isinstance(self.step, int))
-
-
-def is_search_space(value: Any) -> bool:
-    """Whether a method parameter is written as a search space (``lambda: {tune: [1e-6, 1e-3], log: true}``)."""
-    return isinstance(value, dict) and "tune" in value
-
-
-def parse_search_space(value: dict[str, Any]) -> SearchSpace:
-    """A method parameter's inline space: ``{tune: [low, high], log:, step:}`` or ``{tune: {choices: [...]}}``."""
-    rest = {k: v for k, v in value.items() if k != "tune"}
-    spec = value["tune"]
-    if isinstance(spec, list):
-        if len(spec) != 2:
-            raise ValueError(f"tune: [low, high] needs exactly two numbers (got {spec!r}); "
-                             "write tune: {choices: [...]} for a categorical parameter")
-        return SearchSpace.model_validate({"low": spec[0], "high": spec[1], **rest})
-    if isinstance(spec, dict):
-        return SearchSpace.model_validate({**spec, **rest})
-    raise ValueError(f"tune: expects [low, high] or a mapping such as {{choices: [...]}} (got {spec!r})")
-
-
 class TuneConfig(_Strict):
     """The ``tune:`` section: search spaces per method and how ``prunebench tune`` runs its studies.
 
@@ -209,27 +161,41 @@ class TuneConfig(_Strict):
     """
 
     spaces: dict[str, dict[str, SearchSpace]] = Field(
-        default_factory=dict, description="method name -> parameter -> space; a method with `lambda` and no "
-        "space gets the log-uniform range where the trials' sparsity stage reaches tune.pull_range")
+        default_factory=dict,
+        description="method name -> parameter -> space; a method with `lambda` and no "
+        "space gets the log-uniform range where the trials' sparsity stage reaches tune.pull_range",
+    )
     pull_range: tuple[float, float] = Field(
-        (0.5, 16.0), description="a lambda without a space is searched (log scale) between the values at which the "
-        "trials' sparsity stage reaches these sparsity_pull figures on the dense model")
+        (0.5, 16.0),
+        description="a lambda without a space is searched (log scale) between the values at which the "
+        "trials' sparsity stage reaches these sparsity_pull figures on the dense model",
+    )
     trials: int = Field(20, ge=1, description="trials each study should have in total (a rerun tops up)")
     timeout: float | None = Field(None, gt=0, description="seconds per method after which no new trial starts")
     objective: Literal["val_top1"] = Field("val_top1", description="validation top-1 of the pruned, fine-tuned model")
-    target: float | None = Field(None, gt=0, lt=1, description="MACs reduction of the trials (default: the first target)")
+    target: float | None = Field(
+        None, gt=0, lt=1, description="MACs reduction of the trials (default: the first target)"
+    )
     seed: int | None = Field(None, description="dense seed the trials start from (default: the first seed)")
-    sparsity_epochs: int | None = Field(None, ge=0, description="sparsity-training epochs of a trial (default: the recipe's)")
+    sparsity_epochs: int | None = Field(
+        None, ge=0, description="sparsity-training epochs of a trial (default: the recipe's)"
+    )
     finetune_epochs: int | None = Field(None, ge=0, description="fine-tuning epochs of a trial (default: the recipe's)")
     sampler: Literal["tpe", "random"] = "tpe"
     sampler_seed: int = Field(0, description="seed of the sampler (mixed with the trial number)")
-    startup_trials: int | None = Field(None, ge=0, description="TPE: random trials first (default: min(10, trials // 3))")
+    startup_trials: int | None = Field(
+        None, ge=0, description="TPE: random trials first (default: min(10, trials // 3))"
+    )
     pruner: Literal["median", "hyperband", "none"] = "median"
     pruner_warmup_epochs: int | None = Field(
-        None, ge=0, description="epochs before the pruner may stop a trial (default: the sparsity epochs, so "
-        "trials are judged on the pruned model)")
+        None,
+        ge=0,
+        description="epochs before the pruner may stop a trial (default: the sparsity epochs, so "
+        "trials are judged on the pruned model)",
+    )
     storage: str | None = Field(None, description="Optuna RDB URL (default: optuna.db beside the MLflow SQLite store)")
     study: str | None = Field(None, description="study name (default: <recipe name>-<method>)")
+
     @field_validator("pull_range")
     @classmethod
     def _pull_range_ok(cls, v: tuple[float, float]) -> tuple[float, float]:
@@ -238,8 +204,11 @@ class TuneConfig(_Strict):
         return v
 
     heartbeat_interval: int | None = Field(
-        60, ge=1, description="seconds between a running trial's heartbeats; a trial silent for two intervals "
-        "(its process died) is marked failed")
+        60,
+        ge=1,
+        description="seconds between a running trial's heartbeats; a trial silent for two intervals "
+        "(its process died) is marked failed",
+    )
 
 
 class Recipe(_Strict):
@@ -256,8 +225,10 @@ class Recipe(_Strict):
     finetune: Schedule = Field(default_factory=lambda: Schedule(epochs=0, lr=0.01))
     seeds: int | list[int] = Field(1, description="a count (0..n-1) or an explicit list")
     dense_control: bool = Field(
-        True, description="per seed, also train the dense model unpruned for the same extra stages (sparsity "
-        "length, fine-tuning): the 'dense (same epochs)' row of compare")
+        True,
+        description="per seed, also train the dense model unpruned for the same extra stages (sparsity "
+        "length, fine-tuning): the 'dense (same epochs)' row of compare",
+    )
     tracking: TrackingConfig = Field(default_factory=TrackingConfig)
     train: TrainOptions = Field(default_factory=TrainOptions)
     measure: MeasureConfig = Field(default_factory=MeasureConfig)
@@ -300,11 +271,14 @@ class _RecipeLoader(yaml.SafeLoader):
 
 _RecipeLoader.add_implicit_resolver(
     "tag:yaml.org,2002:float",
-    re.compile(r"""^(?:[-+]?(?:[0-9][0-9_]*)\.[0-9_]*(?:[eE][-+]?[0-9]+)?
+    re.compile(
+        r"""^(?:[-+]?(?:[0-9][0-9_]*)\.[0-9_]*(?:[eE][-+]?[0-9]+)?
     |[-+]?(?:[0-9][0-9_]*)(?:[eE][-+]?[0-9]+)
     |\.[0-9_]+(?:[eE][-+][0-9]+)?
     |[-+]?\.(?:inf|Inf|INF)
-    |\.(?:nan|NaN|NAN))$""", re.X),
+    |\.(?:nan|NaN|NAN))$""",
+        re.X,
+    ),
     list("-+0123456789."),
 )
 
@@ -327,7 +301,9 @@ def _read_yaml(path: Path) -> dict[str, Any]:
     if data is None:
         raise UserError(f"{path}: the recipe is empty; see recipes/quickstart.yaml for the format")
     if not isinstance(data, dict):
-        raise UserError(f"{path}: the recipe must be a mapping of keys (name:, data:, ...), not a {type(data).__name__}")
+        raise UserError(
+            f"{path}: the recipe must be a mapping of keys (name:, data:, ...), not a {type(data).__name__}"
+        )
     return data
 
 
@@ -371,7 +347,9 @@ def apply_override(data: dict[str, Any], override: str) -> None:
     for part in key.strip().split("."):
         m = _KEY.match(part)
         if not m:
-            raise UserError(f"override {override!r}: bad key {key!r}; use dotted names like prune.target or methods[0].lambda")
+            raise UserError(
+                f"override {override!r}: bad key {key!r}; use dotted names like prune.target or methods[0].lambda"
+            )
         steps.append(m.group(1))
         steps.extend(int(i) for i in re.findall(r"\[(\d+)\]", m.group(2)))
     node: Any = data
@@ -406,7 +384,9 @@ def _fields_at(loc: tuple[Any, ...]) -> list[str]:
         if field is None:
             return []
         ann = field.annotation
-        model = next((a for a in getattr(ann, "__args__", (ann,)) if isinstance(a, type) and issubclass(a, BaseModel)), None)
+        model = next(
+            (a for a in getattr(ann, "__args__", (ann,)) if isinstance(a, type) and issubclass(a, BaseModel)), None
+        )
         if model is None:
             return []
     return list(getattr(model, "model_fields", {}))
@@ -416,7 +396,9 @@ def format_validation_error(exc: ValidationError, source: str) -> str:
     """One line: ``file: key.path: what is wrong`` (the first error, plus how many more there are)."""
     errs = exc.errors()
     e = errs[0]
-    loc = tuple(p for p in e["loc"] if not (isinstance(p, str) and p.startswith(("function-", "float", "int", "list["))))
+    loc = tuple(
+        p for p in e["loc"] if not (isinstance(p, str) and p.startswith(("function-", "float", "int", "list[")))
+    )
     key = "".join(f"[{p}]" if isinstance(p, int) else f".{p}" for p in loc).lstrip(".") or "(top level)"
     if e["type"] == "extra_forbidden":
         msg = f"unknown key.{close_matches(str(loc[-1]), _fields_at(loc))}"

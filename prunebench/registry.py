@@ -24,7 +24,8 @@ from pydantic import ValidationError
 
 from prunebench.errors import UserError, close_matches
 from prunebench.method import PruningMethod
-from prunebench.recipe import Recipe, is_search_space, method_label, parse_search_space, read_recipe
+from prunebench.recipe import Recipe, method_label, read_recipe
+from prunebench.spaces import is_search_space, parse_search_space
 
 ENTRY_POINT_GROUP = "prunebench.methods"
 RESERVED_NAMES = {"dense_control": "the runs of each seed's dense control carry it as their method"}
@@ -97,8 +98,11 @@ def broken_methods() -> dict[str, str]:
     """Entry-point methods whose plugin failed to import (name -> why), unless something else registered
     the name. Recipes may name them: only their cells fail (see README "Resuming and failures")."""
     _ensure_loaded()
-    return {n: f"plugin {value} failed to import: {type(exc).__name__}: {exc}"
-            for n, (value, exc) in _BROKEN.items() if n not in _METHODS}
+    return {
+        n: f"plugin {value} failed to import: {type(exc).__name__}: {exc}"
+        for n, (value, exc) in _BROKEN.items()
+        if n not in _METHODS
+    }
 
 
 def get_method(name: str) -> type[PruningMethod]:
@@ -107,8 +111,9 @@ def get_method(name: str) -> type[PruningMethod]:
     if name not in methods:
         broken = broken_methods()
         if name in broken:
-            raise UserError(f"method {name!r} is unavailable: {broken[name]}; fix or reinstall that "
-                            "package") from _BROKEN[name][1]
+            raise UserError(
+                f"method {name!r} is unavailable: {broken[name]}; fix or reinstall that package"
+            ) from _BROKEN[name][1]
         raise UserError(f"unknown method {name!r}.{close_matches(name, methods)}")
     return methods[name]
 
@@ -204,8 +209,10 @@ def validate_methods(recipe: Recipe, base_dir: Path, *, allow_spaces: bool = Fal
     for plugin in recipe.plugins:
         path = resolve_plugin_path(plugin, base_dir)
         if not path.is_file():
-            raise UserError(f"{src}: plugins: plugin file {plugin!r} does not exist (looked in the working "
-                            "directory and beside the recipe); fix the path")
+            raise UserError(
+                f"{src}: plugins: plugin file {plugin!r} does not exist (looked in the working "
+                "directory and beside the recipe); fix the path"
+            )
         try:
             load_plugin_file(path)
         except UserError as exc:
@@ -218,8 +225,10 @@ def validate_methods(recipe: Recipe, base_dir: Path, *, allow_spaces: bool = Fal
         spaces = {k: v for k, v in spec.items() if is_search_space(v)}
         if spaces and not allow_spaces:
             key = next(iter(spaces))
-            raise UserError(f"{where}.{key}: is a search space; run `prunebench tune {src}` first and then "
-                            f"`prunebench run` on the tuned recipe it writes (or give {key} a value)")
+            raise UserError(
+                f"{where}.{key}: is a search space; run `prunebench tune {src}` first and then "
+                f"`prunebench run` on the tuned recipe it writes (or give {key} a value)"
+            )
         ends: dict[str, list[Any]] = {}
         for key, raw in spaces.items():
             try:

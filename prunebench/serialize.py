@@ -43,7 +43,9 @@ def load_pruned(path: str | Path, dense_model: nn.Module) -> nn.Module:
     pruned model and load its weights; returns ``dense_model``, changed in place."""
     payload = torch.load(Path(path), map_location="cpu", weights_only=True)
     if not isinstance(payload, dict) or payload.get("format") != FORMAT:
-        raise UserError(f"{path} is not a pruned model saved by prunebench (no {FORMAT!r} payload); pass a file written by save_pruned")
+        raise UserError(
+            f"{path} is not a pruned model saved by prunebench (no {FORMAT!r} payload); pass a file written by save_pruned"
+        )
     modules = dict(dense_model.named_modules())
     for name, attrs in payload["attributes"].items():
         if name in modules:

@@ -121,18 +121,25 @@ class SparsityMonitor:
 
     def norms_record(self) -> dict[str, list[float]]:
         """``{"start": [...], "end": [...]}``: every channel's norm over its layer's starting median."""
-        return {"start": [round(float(v), 6) for v in torch.cat(self.start)],
-                "end": [round(float(v), 6) for v in torch.cat(self.relative_norms())]}
+        return {
+            "start": [round(float(v), 6) for v in torch.cat(self.start)],
+            "end": [round(float(v), 6) for v in torch.cat(self.relative_norms())],
+        }
 
 
 def describe_inert(name: str, pull: float, *, refused: bool = False) -> str:
     """The message for a regularizer that cannot act, naming the figure and the fixes."""
-    how = ("sparsity.require_pull is true: set it to false to run anyway with a warning" if refused
-           else "set sparsity.require_pull: true to make this an error")
-    return (f"method {name!r}: sparsity_pull {pull:.3g} < {MIN_PULL}: over this sparsity stage its regularizer can "
-            f"shrink the median group norm by at most {100 * pull:.2g}%, so it ranks channels of a plainly trained "
-            f"network; raise its lambda, lengthen sparsity.epochs or raise sparsity.lr, or run `prunebench tune` "
-            f"({how})")
+    how = (
+        "sparsity.require_pull is true: set it to false to run anyway with a warning"
+        if refused
+        else "set sparsity.require_pull: true to make this an error"
+    )
+    return (
+        f"method {name!r}: sparsity_pull {pull:.3g} < {MIN_PULL}: over this sparsity stage its regularizer can "
+        f"shrink the median group norm by at most {100 * pull:.2g}%, so it ranks channels of a plainly trained "
+        f"network; raise its lambda, lengthen sparsity.epochs or raise sparsity.lr, or run `prunebench tune` "
+        f"({how})"
+    )
 
 
 def check_pulls(pulls: Sequence[tuple[str, float | None]], *, refused: bool = False) -> list[str]:

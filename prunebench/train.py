@@ -147,8 +147,15 @@ def train(
         model.train()
         batches = batches_for_epoch(epoch)
         n_steps = len(batches)  # type: ignore[arg-type]
-        bar = tqdm(batches, total=n_steps, desc=f"{desc} {epoch + 1}/{sched.epochs}", leave=False,
-                   disable=quiet, dynamic_ncols=True, mininterval=0.5)
+        bar = tqdm(
+            batches,
+            total=n_steps,
+            desc=f"{desc} {epoch + 1}/{sched.epochs}",
+            leave=False,
+            disable=quiet,
+            dynamic_ncols=True,
+            mininterval=0.5,
+        )
         loss_sum = penalty_sum = correct = None
         seen = 0
         t0 = time.perf_counter()
@@ -173,7 +180,9 @@ def train(
                 method.after_step(lr)
             # Accumulate on the device; read back only every log_every steps (no per-step host sync).
             batch_loss = loss.detach() * y.numel()
-            batch_pen = penalty.detach().float() * y.numel() if penalty is not None else torch.zeros((), device=x.device)
+            batch_pen = (
+                penalty.detach().float() * y.numel() if penalty is not None else torch.zeros((), device=x.device)
+            )
             batch_correct = (out.detach().argmax(1) == y).sum()
             loss_sum = batch_loss if loss_sum is None else loss_sum + batch_loss
             penalty_sum = batch_pen if penalty_sum is None else penalty_sum + batch_pen
@@ -184,8 +193,12 @@ def train(
                 if not math.isfinite(mean_loss) or not math.isfinite(float(penalty_sum)):
                     raise DivergedError(f"{desc}: loss became {mean_loss} at epoch {epoch + 1}, step {i + 1}")
                 if not quiet:
-                    bar.set_postfix(loss=f"{mean_loss:.3f}", acc=f"{float(correct) / seen:.3f}",
-                                    img_s=f"{seen / (time.perf_counter() - t0):.0f}", refresh=False)
+                    bar.set_postfix(
+                        loss=f"{mean_loss:.3f}",
+                        acc=f"{float(correct) / seen:.3f}",
+                        img_s=f"{seen / (time.perf_counter() - t0):.0f}",
+                        refresh=False,
+                    )
         bar.close()
         if seen == 0:
             raise RuntimeError(f"{desc}: the training split is empty")

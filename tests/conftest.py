@@ -37,8 +37,15 @@ def _isolated_cwd(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
 
 TINY_RECIPE: dict = {
     "name": "tiny",
-    "data": {"name": "synthetic", "num_samples": 96, "image_size": 16, "num_classes": 4, "val_split": 0.25,
-             "batch_size": 32, "eval_batch_size": 64},
+    "data": {
+        "name": "synthetic",
+        "num_samples": 96,
+        "image_size": 16,
+        "num_classes": 4,
+        "val_split": 0.25,
+        "batch_size": 32,
+        "eval_batch_size": 64,
+    },
     "model": {"name": "resnet8_cifar"},
     "dense": {"epochs": 1, "lr": 0.05},
     "sparsity": {"epochs": 1, "lr": 0.01},

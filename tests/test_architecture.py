@@ -95,7 +95,9 @@ def _layer(module: str) -> str:
 
 
 def _cycle() -> list[str] | None:
-    graph = {m: sorted({i.target for i in imps if i.target in MODULES and i.target != m}) for m, imps in IMPORTS.items()}
+    graph = {
+        m: sorted({i.target for i in imps if i.target in MODULES and i.target != m}) for m, imps in IMPORTS.items()
+    }
     state: dict[str, int] = {}
     stack: list[str] = []
 
@@ -104,7 +106,7 @@ def _cycle() -> list[str] | None:
         stack.append(node)
         for nxt in graph[node]:
             if state.get(nxt) == 1:
-                return stack[stack.index(nxt):] + [nxt]
+                return stack[stack.index(nxt) :] + [nxt]
             if nxt not in state and (found := dfs(nxt)):
                 return found
         stack.pop()
@@ -118,7 +120,9 @@ def _cycle() -> list[str] | None:
 
 
 def test_the_walk_sees_the_whole_package() -> None:
-    assert {"prunebench.engine", "prunebench.tracking.schema", "prunebench.methods.oicsr", "prunebench.cli"} <= set(MODULES)
+    assert {"prunebench.engine", "prunebench.tracking.schema", "prunebench.methods.oicsr", "prunebench.cli"} <= set(
+        MODULES
+    )
     probe = _imports("prunebench.x", Path(__file__))
     assert Import("prunebench.x", "ast", False) in probe
     local = _imports("prunebench.cli.run", MODULES["prunebench.cli.run"])  # the cli loads a command when it runs
@@ -131,8 +135,12 @@ def test_the_import_graph_has_no_cycle() -> None:
 
 
 def test_the_core_imports_neither_argparse_mlflow_optuna_nor_the_layers_above() -> None:
-    bad = [f"{i.module} imports {i.target}" for imps in IMPORTS.values() for i in imps
-           if _layer(i.module) == "core" and i.target.startswith(CORE_FORBIDDEN)]
+    bad = [
+        f"{i.module} imports {i.target}"
+        for imps in IMPORTS.values()
+        for i in imps
+        if _layer(i.module) == "core" and i.target.startswith(CORE_FORBIDDEN)
+    ]
     assert not bad, bad
 
 
@@ -144,16 +152,24 @@ def test_each_layer_imports_only_the_layers_below() -> None:
         "commands": {"core", "tracking", "commands"},
         "cli": {"core", "cli", "commands"},
     }
-    bad = [f"{i.module} ({_layer(i.module)}) imports {i.target} ({_layer(i.target)})" for imps in IMPORTS.values()
-           for i in imps if i.target in MODULES and _layer(i.target) not in allowed[_layer(i.module)]]
+    bad = [
+        f"{i.module} ({_layer(i.module)}) imports {i.target} ({_layer(i.target)})"
+        for imps in IMPORTS.values()
+        for i in imps
+        if i.target in MODULES and _layer(i.target) not in allowed[_layer(i.module)]
+    ]
     assert not bad, bad
     argparse_users = sorted({i.module for imps in IMPORTS.values() for i in imps if i.target == "argparse"})
     assert all(_layer(m) == "cli" for m in argparse_users), argparse_users
 
 
 def test_imports_are_at_the_top_except_optional_dependencies_and_the_cli_loading_a_command() -> None:
-    bad = [f"{i.module} imports {i.target} inside a function" for imps in IMPORTS.values() for i in imps
-           if i.local and _layer(i.module) != "cli" and not i.target.startswith(OPTIONAL)]
+    bad = [
+        f"{i.module} imports {i.target} inside a function"
+        for imps in IMPORTS.values()
+        for i in imps
+        if i.local and _layer(i.module) != "cli" and not i.target.startswith(OPTIONAL)
+    ]
     assert not bad, bad
 
 

@@ -26,8 +26,18 @@ from prunebench.commands.bench import (
     torch_threads,
 )
 
-REQUIRED = ("loop_efficiency", "reg_overhead", "data_headroom", "speedup", "speedup_efficiency", "macs_ratio",
-            "engine_s", "thinet_s", "macs_count_s", "machine")  # fmt: skip
+REQUIRED = (
+    "loop_efficiency",
+    "reg_overhead",
+    "data_headroom",
+    "speedup",
+    "speedup_efficiency",
+    "macs_ratio",
+    "engine_s",
+    "thinet_s",
+    "macs_count_s",
+    "machine",
+)
 PER_METHOD = ("reg_overhead", "reg_overhead_step", "speedup", "speedup_b1", "speedup_efficiency", "macs_ratio")
 
 
@@ -69,8 +79,16 @@ def test_quick_report_has_every_key_with_finite_numbers(quick_report: tuple[dict
 def test_quick_report_has_targets_with_pass_fail(quick_report: tuple[dict, Path]) -> None:
     rep, _ = quick_report
     names = {c["name"] for c in rep["checks"]}
-    for required in ("loop_efficiency", "reg_overhead[oicsr]", "reg_overhead[group_lasso]", "reg_overhead[slimming]",
-                     "speedup_efficiency[oicsr]", "engine_s", "thinet_s", "macs_count_s"):  # fmt: skip
+    for required in (
+        "loop_efficiency",
+        "reg_overhead[oicsr]",
+        "reg_overhead[group_lasso]",
+        "reg_overhead[slimming]",
+        "speedup_efficiency[oicsr]",
+        "engine_s",
+        "thinet_s",
+        "macs_count_s",
+    ):
         assert required in names
     assert rep["pass"] == {c["name"]: c["pass"] for c in rep["checks"]}
     assert rep["all_pass"] == all(rep["pass"].values())
@@ -87,8 +105,15 @@ def test_quick_markdown_exists_and_shows_the_figures(quick_report: tuple[dict, P
     rep, out = quick_report
     md = (out / "quick.md").read_text()
     assert md.startswith("# prunebench bench: resnet8_cifar")
-    for heading in ("## Targets", "## 1. Loop efficiency", "## 2. Regularization overhead", "## 3. Data pipeline",
-                    "## 4. Real speedup", "## 5. Engine cost", "## Machine"):  # fmt: skip
+    for heading in (
+        "## Targets",
+        "## 1. Loop efficiency",
+        "## 2. Regularization overhead",
+        "## 3. Data pipeline",
+        "## 4. Real speedup",
+        "## 5. Engine cost",
+        "## Machine",
+    ):
         assert heading in md
     assert "prunebench bench --quick" in md and "untrained" in md
     assert f"{rep['loop_efficiency']:.3f}" in md
@@ -135,15 +160,18 @@ def test_speedup_misses_are_reported_per_method_and_rounding() -> None:
     figures["speedup_efficiency_rounded"]["l1+round8"] = 0.7
     rows = check_targets(figures, torch.device("cpu"))
     assert {r["name"] for r in rows if not r["pass"]} == {
-        "speedup_efficiency[thinet]", "speedup_efficiency_rounded[l1+round8]"}  # fmt: skip
+        "speedup_efficiency[thinet]",
+        "speedup_efficiency_rounded[l1+round8]",
+    }
 
 
 def test_interleaved_times_every_function_each_round_after_warmup() -> None:
     import torch
 
     calls: list[str] = []
-    t = interleaved({"a": lambda: calls.append("a"), "b": lambda: calls.append("b")}, reps=3, warmup=2,
-                    device=torch.device("cpu"))  # fmt: skip
+    t = interleaved(
+        {"a": lambda: calls.append("a"), "b": lambda: calls.append("b")}, reps=3, warmup=2, device=torch.device("cpu")
+    )
     assert len(t["a"]) == len(t["b"]) == 3 and all(x >= 0 for x in t["a"] + t["b"])
     assert calls.count("a") == calls.count("b") == 5
     assert calls[:4] == ["a", "b", "b", "a"]  # the order rotates from round to round
@@ -187,8 +215,17 @@ def test_help_explains_every_figure(capsys: pytest.CaptureFixture[str]) -> None:
     with pytest.raises(SystemExit):
         main(["bench", "--help"])
     text = capsys.readouterr().out
-    for figure in ("loop_efficiency", "reg_overhead", "data_headroom", "speedup", "engine_s", "thinet_s",
-                   "macs_count_s", "round_to", "--quick"):  # fmt: skip
+    for figure in (
+        "loop_efficiency",
+        "reg_overhead",
+        "data_headroom",
+        "speedup",
+        "engine_s",
+        "thinet_s",
+        "macs_count_s",
+        "round_to",
+        "--quick",
+    ):
         assert figure in text
 
 

@@ -17,14 +17,13 @@ import pytest
 import torch
 from torch import Tensor, nn
 
+from prunebench import models
 from prunebench.budget import MacsCostModel, budget_tolerance, count_steps, group_caps, layer_cap
 from prunebench.engine import cut, plan_global, prune_to_target, score_groups
 from prunebench.groups import PrunableGroup, build_groups
 from prunebench.measure import count_macs
 from prunebench.method import Calibration, PruningMethod
 from prunebench.registry import available_methods
-
-from prunebench import models
 
 pytestmark = pytest.mark.unit
 
@@ -163,8 +162,10 @@ def test_impossible_band_warns_once_with_the_closest_plan(caplog) -> None:
     dense = count_macs(probe, x).macs
     _, groups = build_groups(probe, x)
     assert [g.name for g in groups] == ["conv"]
-    share = (MacsCostModel(probe, groups, count_macs(probe, x)).macs
-             - MacsCostModel(probe, groups, count_macs(probe, x)).remove(0, 1, commit=False)) / dense
+    share = (
+        MacsCostModel(probe, groups, count_macs(probe, x)).macs
+        - MacsCostModel(probe, groups, count_macs(probe, x)).remove(0, 1, commit=False)
+    ) / dense
     hit = 3.7 * share  # the band [t, t + s/2] = [3.7 s, 4.2 s] holds 4 s
     miss = 3.2 * share  # [3.2 s, 3.7 s] holds no multiple of s: 4 s is the closest past the target
     for target, k, warned in ((hit, 4, False), (miss, 4, True)):
@@ -219,8 +220,15 @@ def test_iterative_cap_is_a_fraction_of_the_dense_width(with_dense_widths: bool)
     removed = dict.fromkeys(dense, 0)
     steps = []
     for target in (0.05, 0.15):
-        res = prune_to_target(model, _favour(favourite), target, X, reference_macs=dense_macs, max_layer_ratio=ratio,
-                              dense_widths=dense if with_dense_widths else None)
+        res = prune_to_target(
+            model,
+            _favour(favourite),
+            target,
+            X,
+            reference_macs=dense_macs,
+            max_layer_ratio=ratio,
+            dense_widths=dense if with_dense_widths else None,
+        )
         assert target <= res.macs_reduction <= target + res.tolerance
         steps.append(res.removed[favourite])
         for name, k in res.removed.items():

@@ -14,8 +14,19 @@ from conftest import ROOT
 from prunebench.cli import main
 
 CHILD_PARAMS = {"method", "method_label", "seed", "target", "model", "dataset"}
-CHILD_METRICS = {"test_top1", "val_top1", "dense_test_top1", "macs", "macs_conv_fc", "macs_dense", "macs_reduction",
-                 "params", "params_reduction", "latency_ms", "speedup"}
+CHILD_METRICS = {
+    "test_top1",
+    "val_top1",
+    "dense_test_top1",
+    "macs",
+    "macs_conv_fc",
+    "macs_dense",
+    "macs_reduction",
+    "params",
+    "params_reduction",
+    "latency_ms",
+    "speedup",
+}
 
 
 def _runs(uri: str, experiment: str):
@@ -77,13 +88,16 @@ def test_dense_model_is_cached_across_invocations(write_recipe, tiny_recipe, cap
     assert "dense model from cache" in capsys.readouterr().out
 
 
-@pytest.mark.parametrize("args,needle", [
-    (["run", "missing.yaml"], "does not exist"),
-    (["run", "RECIPE", "-o", "prune.target=2"], "prune.target"),
-    (["run", "RECIPE", "-o", "methods=[{name: oicsrr}]"], "unknown method 'oicsrr'"),
-    (["run", "RECIPE", "-o", "model.name=resnet21_cifar"], "unknown model"),
-    (["run", "RECIPE", "-o", "data={name: cifar10, root: nowhere}"], "nowhere"),
-])
+@pytest.mark.parametrize(
+    "args,needle",
+    [
+        (["run", "missing.yaml"], "does not exist"),
+        (["run", "RECIPE", "-o", "prune.target=2"], "prune.target"),
+        (["run", "RECIPE", "-o", "methods=[{name: oicsrr}]"], "unknown method 'oicsrr'"),
+        (["run", "RECIPE", "-o", "model.name=resnet21_cifar"], "unknown model"),
+        (["run", "RECIPE", "-o", "data={name: cifar10, root: nowhere}"], "nowhere"),
+    ],
+)
 def test_user_errors_exit_2_without_traceback_or_run(write_recipe, tiny_recipe, args, needle, tmp_path) -> None:
     recipe = str(write_recipe(tiny_recipe))
     args = [recipe if a == "RECIPE" else a for a in args]

@@ -39,8 +39,12 @@ EXPERIMENT = "handmade"
 METHODS = ("l1", "oicsr")
 SEEDS = (0, 1)
 TARGETS = (0.3, 0.6)
-LAYERS = [("conv1", "Conv2d", 3, 16), ("layer1.0.conv1", "Conv2d", 16, 16), ("layer1.0.conv2", "Conv2d", 16, 16),
-          ("fc", "Linear", 16, 10)]
+LAYERS = [
+    ("conv1", "Conv2d", 3, 16),
+    ("layer1.0.conv1", "Conv2d", 16, 16),
+    ("layer1.0.conv2", "Conv2d", 16, 16),
+    ("fc", "Linear", 16, 10),
+]
 STAGES = {"sparsity": [0, 2], "finetune": [2, 4]}
 
 
@@ -56,19 +60,35 @@ class Store:
     control_ids: dict[int, str] = field(default_factory=dict)
 
 
-def _log_run(client: MlflowClient, exp_id: str, parent: str, kind: str, params: dict[str, str],
-             metrics: dict[str, float], seed: int) -> str:
+def _log_run(
+    client: MlflowClient,
+    exp_id: str,
+    parent: str,
+    kind: str,
+    params: dict[str, str],
+    metrics: dict[str, float],
+    seed: int,
+) -> str:
     """A child run with params, final and per-epoch metrics (a cell or a dense control); returns its id."""
-    run = client.create_run(exp_id, tags={"prunebench.kind": kind, "mlflow.parentRunId": parent,
-                                          "prunebench.stage_epochs": json.dumps(STAGES)})
+    run = client.create_run(
+        exp_id,
+        tags={"prunebench.kind": kind, "mlflow.parentRunId": parent, "prunebench.stage_epochs": json.dumps(STAGES)},
+    )
     rid, now = run.info.run_id, int(time.time() * 1000)
     last = STAGES["finetune"][1] - 1  # final metrics sit at the last epoch; final val_top1 = the last epoch's
-    epochs = [Metric(k, v * 0.8**e, now, e) for e in range(last + 1)
-              for k, v in {"train_loss": 1.0 - 0.1 * seed, "train_penalty": 0.01, "lr": 0.1}.items()]
+    epochs = [
+        Metric(k, v * 0.8**e, now, e)
+        for e in range(last + 1)
+        for k, v in {"train_loss": 1.0 - 0.1 * seed, "train_penalty": 0.01, "lr": 0.1}.items()
+    ]
     epochs += [Metric("val_top1", metrics["val_top1"] - 0.05 * (last - e), now, e) for e in range(last)]
     final = [Metric(k, v, now, last) for k, v in metrics.items()]
-    client.log_batch(rid, metrics=epochs + final, params=[Param(k, v) for k, v in params.items()],
-                     tags=[RunTag("mlflow.runName", f"{params['method']}-s{seed}-t{params.get('target', 'na')}")])
+    client.log_batch(
+        rid,
+        metrics=epochs + final,
+        params=[Param(k, v) for k, v in params.items()],
+        tags=[RunTag("mlflow.runName", f"{params['method']}-s{seed}-t{params.get('target', 'na')}")],
+    )
     return rid
 
 
@@ -79,19 +99,38 @@ def _log_json(client: MlflowClient, rid: str, tmp: Path, name: str, doc: dict) -
     client.log_artifact(rid, str(path))
 
 
-def _log_cell(client: MlflowClient, exp_id: str, parent: str, method: str, seed: int, target: float,
-              metrics: dict[str, float], tmp: Path, status: str = "FINISHED",
-              norms: dict[str, list[float]] | None = None) -> str:
+def _log_cell(
+    client: MlflowClient,
+    exp_id: str,
+    parent: str,
+    method: str,
+    seed: int,
+    target: float,
+    metrics: dict[str, float],
+    tmp: Path,
+    status: str = "FINISHED",
+    norms: dict[str, list[float]] | None = None,
+) -> str:
     """One cell run exactly as the schema describes it (params, final and per-epoch metrics, artifacts)."""
-    params = {"method": method, "method_label": method, "seed": str(seed), "target": str(target),
-              "model": "resnet20", "dataset": "cifar10", "method.lambda": "0.001"}
+    params = {
+        "method": method,
+        "method_label": method,
+        "seed": str(seed),
+        "target": str(target),
+        "model": "resnet20",
+        "dataset": "cifar10",
+        "method.lambda": "0.001",
+    }
     rid = _log_run(client, exp_id, parent, "cell", params, metrics, seed)
     keep = 1 - target * (0.8 if method == "oicsr" else 1.0)
-    rows = [(name, typ, cin, cout, cin if i == 0 else round(cin * keep),
-             cout if typ == "Linear" else round(cout * keep)) for i, (name, typ, cin, cout) in enumerate(LAYERS)]
+    rows = [
+        (name, typ, cin, cout, cin if i == 0 else round(cin * keep), cout if typ == "Linear" else round(cout * keep))
+        for i, (name, typ, cin, cout) in enumerate(LAYERS)
+    ]
     layers = pd.DataFrame(rows, columns=["layer", "type", "in_before", "out_before", "in_after", "out_after"])
     layers = layers.assign(macs_before=1000, macs_after=500)[
-        ["layer", "type", "in_before", "out_before", "in_after", "out_after", "macs_before", "macs_after"]]
+        ["layer", "type", "in_before", "out_before", "in_after", "out_after", "macs_before", "macs_after"]
+    ]
     path = tmp / rid / "layers.csv"
     path.parent.mkdir(parents=True)
     layers.to_csv(path, index=False)
@@ -102,11 +141,17 @@ def _log_cell(client: MlflowClient, exp_id: str, parent: str, method: str, seed:
     return rid
 
 
-def _log_control(client: MlflowClient, exp_id: str, parent: str, seed: int, metrics: dict[str, float],
-                 status: str = "FINISHED") -> str:
+def _log_control(
+    client: MlflowClient, exp_id: str, parent: str, seed: int, metrics: dict[str, float], status: str = "FINISHED"
+) -> str:
     """The dense model of ``seed`` trained unpruned for the cells' extra stages: kind control, no target."""
-    params = {"method": "dense_control", "method_label": "dense (same epochs)", "seed": str(seed),
-              "model": "resnet20", "dataset": "cifar10"}
+    params = {
+        "method": "dense_control",
+        "method_label": "dense (same epochs)",
+        "seed": str(seed),
+        "model": "resnet20",
+        "dataset": "cifar10",
+    }
     rid = _log_run(client, exp_id, parent, "control", params, metrics, seed)
     client.set_terminated(rid, status=status)
     return rid
@@ -115,8 +160,15 @@ def _log_control(client: MlflowClient, exp_id: str, parent: str, seed: int, metr
 def _control_metrics(rng: np.random.Generator, seed: int) -> dict[str, float]:
     dense = 0.90 + 0.01 * seed
     top1 = dense + 0.004 + rng.normal(0, 0.003)
-    return {"test_top1": top1, "val_top1": top1 + 0.01, "dense_test_top1": dense, "macs": 41e6, "macs_dense": 41e6,
-            "params": 0.27e6, "macs_reduction": 0.0}
+    return {
+        "test_top1": top1,
+        "val_top1": top1 + 0.01,
+        "dense_test_top1": dense,
+        "macs": 41e6,
+        "macs_dense": 41e6,
+        "params": 0.27e6,
+        "macs_reduction": 0.0,
+    }
 
 
 def _norms(rng: np.random.Generator) -> dict[str, list[float]]:
@@ -128,13 +180,31 @@ def _norms(rng: np.random.Generator) -> dict[str, list[float]]:
 def _metrics(rng: np.random.Generator, method: str, seed: int, target: float) -> dict[str, float]:
     dense = 0.90 + 0.01 * seed
     top1 = dense - target * (0.05 if method == "oicsr" else 0.09) + rng.normal(0, 0.004)
-    sparsity = ({"sparsity_zero_frac": 0.2 + 0.5 * target + rng.uniform(0, 0.1), "sparsity_pull": rng.uniform(1, 2),
-                 "penalty_ratio": rng.uniform(0.1, 0.5)} if method == "oicsr" else {})  # regularized methods only
-    return {**sparsity, "test_top1": top1, "val_top1": top1 + 0.01, "dense_test_top1": dense, "macs": 41e6 * (1 - target),
-            "macs_conv_fc": 40e6 * (1 - target), "macs_dense": 41e6, "macs_reduction": target + rng.normal(0, 0.002),
-            "params": 0.27e6 * (1 - target), "params_dense": 0.27e6, "params_reduction": target,
-            "latency_ms": 2.0 * (1 - target / 2), "latency_ms_batch": 20.0 * (1 - target),
-            "speedup": 1 / (1 - target)}
+    sparsity = (
+        {
+            "sparsity_zero_frac": 0.2 + 0.5 * target + rng.uniform(0, 0.1),
+            "sparsity_pull": rng.uniform(1, 2),
+            "penalty_ratio": rng.uniform(0.1, 0.5),
+        }
+        if method == "oicsr"
+        else {}
+    )  # regularized methods only
+    return {
+        **sparsity,
+        "test_top1": top1,
+        "val_top1": top1 + 0.01,
+        "dense_test_top1": dense,
+        "macs": 41e6 * (1 - target),
+        "macs_conv_fc": 40e6 * (1 - target),
+        "macs_dense": 41e6,
+        "macs_reduction": target + rng.normal(0, 0.002),
+        "params": 0.27e6 * (1 - target),
+        "params_dense": 0.27e6,
+        "params_reduction": target,
+        "latency_ms": 2.0 * (1 - target / 2),
+        "latency_ms_batch": 20.0 * (1 - target),
+        "speedup": 1 / (1 - target),
+    }
 
 
 @pytest.fixture(scope="module")
@@ -222,8 +292,12 @@ def _seeds(store: Store, method: str, target: float, key: str = "test_top1") -> 
 
 
 def _row(doc: dict, label: str, target: float | None = None) -> dict:
-    return next(r for r in doc["rows"] if r["method_label"] == label
-                and (target is None or (r["target"] is not None and np.isclose(r["target"], target))))
+    return next(
+        r
+        for r in doc["rows"]
+        if r["method_label"] == label
+        and (target is None or (r["target"] is not None and np.isclose(r["target"], target)))
+    )
 
 
 def test_rows_means_and_stds_match_logged_metrics(store: Store, capsys: pytest.CaptureFixture[str]) -> None:
@@ -343,8 +417,9 @@ def test_sparsity_diagnostics_for_regularized_methods_only(store: Store, capsys:
     doc = _json(store, capsys)
     for target in TARGETS:
         oicsr = _row(doc, "oicsr", target)
-        assert oicsr["sparsity_zero_pct"] == pytest.approx(_seeds(store, "oicsr", target, "sparsity_zero_frac").mean()
-                                                           * 100)
+        assert oicsr["sparsity_zero_pct"] == pytest.approx(
+            _seeds(store, "oicsr", target, "sparsity_zero_frac").mean() * 100
+        )
         assert oicsr["sparsity_pull"] == pytest.approx(_seeds(store, "oicsr", target, "sparsity_pull").mean())
         assert oicsr["penalty_ratio"] == pytest.approx(_seeds(store, "oicsr", target, "penalty_ratio").mean())
         l1 = _row(doc, "l1", target)
@@ -354,8 +429,11 @@ def test_sparsity_diagnostics_for_regularized_methods_only(store: Store, capsys:
     lines = _compare(store, capsys=capsys).splitlines()
     header = next(line for line in lines if "zeroed %" in line)
     col = header.index("zeroed %") + len("zeroed %")  # right-aligned column: its last character
-    zeroed = {line.split()[0]: line[col - 8:col].strip() for line in lines[lines.index(header) + 2:]
-              if line.split() and line.split()[0] in METHODS and "0.30" in line}
+    zeroed = {
+        line.split()[0]: line[col - 8 : col].strip()
+        for line in lines[lines.index(header) + 2 :]
+        if line.split() and line.split()[0] in METHODS and "0.30" in line
+    }
     assert zeroed["l1"] == "" and zeroed["oicsr"] == f"{_row(doc, 'oicsr', 0.3)['sparsity_zero_pct']:.1f}"
     old = _compare(store, "--run-id", store.old_parent, capsys=capsys)
     assert "zeroed" not in old.split("\n\n")[1]  # no regularized method: the column is left out
@@ -365,8 +443,14 @@ def test_single_seed_makes_no_significance_statement(store: Store, capsys: pytes
     doc = _json(store, capsys, "--filter", "params.seed = '0'")
     rows = pd.DataFrame(doc["rows"])
     assert (rows["n"] == 1).all() and rows["top1_pct_std"].isna().all()
-    assert all(t["p_value"] is None and t["statistic"] is None and t["n"] == 1 and t["test"] == "paired t-test"
-               and "n < 2 common seeds: no significance statement" in t["verdict"] for t in doc["significance"])
+    assert all(
+        t["p_value"] is None
+        and t["statistic"] is None
+        and t["n"] == 1
+        and t["test"] == "paired t-test"
+        and "n < 2 common seeds: no significance statement" in t["verdict"]
+        for t in doc["significance"]
+    )
     assert "no significance statement is possible" in _compare(store, "--filter", "params.seed = '0'", capsys=capsys)
 
 
@@ -411,7 +495,8 @@ def test_out_dir_writes_tables_and_valid_pngs(store: Store, capsys: pytest.Captu
 
 
 def test_norms_plot_reads_the_first_seed_and_is_skipped_without_artifacts(
-        store: Store, capsys: pytest.CaptureFixture[str], tmp_path: Path) -> None:
+    store: Store, capsys: pytest.CaptureFixture[str], tmp_path: Path
+) -> None:
     client = MlflowClient(store.uri)
     comp = build(client, select(client, store.uri))
     norms, notes = load_norms(client, comp.cells[comp.cells["target"] == 0.6])
@@ -433,8 +518,9 @@ def test_all_runs_and_run_id_select_invocations(store: Store, capsys: pytest.Cap
     assert old["significance"][0]["verdict"].startswith("only one method")
 
 
-def test_experiment_is_picked_or_must_be_named(store: Store, capsys: pytest.CaptureFixture[str],
-                                               tmp_path: Path) -> None:
+def test_experiment_is_picked_or_must_be_named(
+    store: Store, capsys: pytest.CaptureFixture[str], tmp_path: Path
+) -> None:
     assert _json(store, capsys, "--experiment", EXPERIMENT)["selection"]["experiment"] == EXPERIMENT
     copy = tmp_path / "two.db"
     shutil.copy(store.root / "mlflow.db", copy)
@@ -454,16 +540,19 @@ def test_a_control_run_is_not_an_invocation(store: Store, capsys: pytest.Capture
     ("argv", "message"),
     [
         (["--experiment", "handmad"], "no experiment 'handmad'.*Did you mean 'handmade'"),
-        (["--filter", "params.method = 'thinet'"],
-         r"no cell runs match \(tracking URI .*experiment 'handmade'.*filter"),
+        (
+            ["--filter", "params.method = 'thinet'"],
+            r"no cell runs match \(tracking URI .*experiment 'handmade'.*filter",
+        ),
         (["--filter", "params.method === 'l1'"], "MLflow rejected the run filter"),
         (["--run-id", "0123456789abcdef"], "run '0123456789abcdef' not found"),
         (["--layers-target", "0.45"], r"--layers-target 0.45 was not run.*0.3, 0.6"),
         (["--alpha", "5"], "--alpha"),
     ],
 )
-def test_user_errors_say_what_was_searched(store: Store, capsys: pytest.CaptureFixture[str], argv: list[str],
-                                            message: str) -> None:
+def test_user_errors_say_what_was_searched(
+    store: Store, capsys: pytest.CaptureFixture[str], argv: list[str], message: str
+) -> None:
     with pytest.raises(UserError, match=message):
         _compare(store, *argv, capsys=capsys)
 
@@ -482,8 +571,9 @@ def test_cli_exit_status_2_on_empty_selection(store: Store, capsys: pytest.Captu
     assert status == 2
 
 
-def test_cells_without_parent_runs_are_all_compared(store: Store, capsys: pytest.CaptureFixture[str],
-                                                    tmp_path: Path) -> None:
+def test_cells_without_parent_runs_are_all_compared(
+    store: Store, capsys: pytest.CaptureFixture[str], tmp_path: Path
+) -> None:
     """Another tool may log cells without parent runs: then every finished cell of the experiment counts."""
     copy = tmp_path / "orphans.db"
     shutil.copy(store.root / "mlflow.db", copy)
@@ -515,8 +605,9 @@ def test_the_cli_offers_the_formats_the_command_renders() -> None:
     assert cli_compare.FORMATS == FORMATS
 
 
-def test_the_files_written_are_logged_after_the_table(store: Store, capsys: pytest.CaptureFixture[str],
-                                                      tmp_path: Path) -> None:
+def test_the_files_written_are_logged_after_the_table(
+    store: Store, capsys: pytest.CaptureFixture[str], tmp_path: Path
+) -> None:
     out = tmp_path / "tables"
     assert cli.main(["compare", "--tracking-uri", store.uri, "--out", str(out), "--no-plots"]) == 0
     lines = capsys.readouterr().out.rstrip().splitlines()

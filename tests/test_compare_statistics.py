@@ -19,8 +19,11 @@ Seeded = dict[str, dict[int, float]]  # method label -> seed -> test top-1
 
 
 def _cells(values: Seeded, target: float = 0.5) -> pd.DataFrame:
-    rows = [{"model": "m", "dataset": "d", "method": k, "method_label": k, "target": target, "seed": seed,
-             "test_top1": v} for k, vs in values.items() for seed, v in vs.items()]
+    rows = [
+        {"model": "m", "dataset": "d", "method": k, "method_label": k, "target": target, "seed": seed, "test_top1": v}
+        for k, vs in values.items()
+        for seed, v in vs.items()
+    ]
     return pd.DataFrame(rows)
 
 
@@ -47,8 +50,11 @@ def _expected(values: Seeded, test: str | None) -> tuple[float, float]:
         # the values vary a lot between seeds but the per-seed lead hardly: only pairing sees it
         (_seeded(a=[0.91, 0.80, 0.95, 0.70], b=[0.90, 0.79, 0.935, 0.69]), "paired t-test", "larger than seed noise"),
         ({"a": {0: 0.91, 1: 0.80, 2: 0.95}, "b": {0: 0.90, 1: 0.82, 3: 0.93}}, "Welch's t-test", "within seed noise"),
-        ({"a": {0: 0.91, 1: 0.93, 2: 0.92}, "b": {1: 0.80, 2: 0.81, 3: 0.79, 4: 0.8}}, "Welch's t-test",
-         "larger than seed noise"),
+        (
+            {"a": {0: 0.91, 1: 0.93, 2: 0.92}, "b": {1: 0.80, 2: 0.81, 3: 0.79, 4: 0.8}},
+            "Welch's t-test",
+            "larger than seed noise",
+        ),
     ],
 )
 def test_significance_pairs_by_seed_and_matches_scipy(values: Seeded, test: str, verdict: str) -> None:
@@ -79,16 +85,20 @@ def test_significance_makes_no_statement_without_noise_estimate(values: Seeded, 
     row = statistics.significance(_cells(values)).iloc[0]
     assert row["best"] == "a" and verdict in row["verdict"]
     assert np.isnan(row["p_value"]) and np.isnan(row["statistic"])
-    comp = Comparison(Selection("sqlite:///x.db", "e", "1"), _cells(values).assign(
-        stage_epochs=None), pd.DataFrame({"model": ["m"], "dataset": ["d"]}), pd.DataFrame([row]), [])
+    comp = Comparison(
+        Selection("sqlite:///x.db", "e", "1"),
+        _cells(values).assign(stage_epochs=None),
+        pd.DataFrame({"model": ["m"], "dataset": ["d"]}),
+        pd.DataFrame([row]),
+        [],
+    )
     assert "p = " not in "\n".join(verdict_lines(comp))
 
 
 def test_vs_best_pairs_common_seeds() -> None:
     """With different seed sets, 'vs best' averages the per-seed differences over the common seeds only."""
     values = {"a": {0: 0.91, 1: 0.93, 2: 0.92}, "b": {1: 0.80, 2: 0.83, 3: 0.5}}
-    cells = _cells(values).assign(**{k: np.nan for k in (*FINAL_METRICS, *OPTIONAL_METRICS)
-                                     if k != "test_top1"})
+    cells = _cells(values).assign(**{k: np.nan for k in (*FINAL_METRICS, *OPTIONAL_METRICS) if k != "test_top1"})
     table = statistics.aggregate(cells)
     b = table[table["method_label"] == "b"].iloc[0]
     diff = np.array([0.80 - 0.93, 0.83 - 0.92]) * 100

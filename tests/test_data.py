@@ -14,8 +14,8 @@ import torch.nn.functional as F
 
 from prunebench.data import _read_pickle, load_data
 from prunebench.datamodule import CIFAR10_MEAN, IMAGENET_MEAN, DataModule, TensorSplit, crop_flip
-from prunebench.imagefolder import SeededCrops
 from prunebench.errors import UserError
+from prunebench.imagefolder import SeededCrops
 from prunebench.recipe import DataConfig
 
 pytestmark = pytest.mark.unit
@@ -196,8 +196,18 @@ def test_augmentation_keeps_label_alignment_and_constant_interior() -> None:
     labels = torch.arange(n) % 10
     images = (10 + 20 * labels).to(torch.uint8).view(n, 1, 1, 1).expand(n, 3, 32, 32).contiguous()
     split = TensorSplit(images, labels, torch.arange(n))
-    dm = DataModule(name="const", train=split, val=split, test=split, num_classes=10, in_chans=3, image_size=32,
-                    mean=(0.0,) * 3, std=(1.0,) * 3, augment=True)  # fmt: skip
+    dm = DataModule(
+        name="const",
+        train=split,
+        val=split,
+        test=split,
+        num_classes=10,
+        in_chans=3,
+        image_size=32,
+        mean=(0.0,) * 3,
+        std=(1.0,) * 3,
+        augment=True,
+    )
     batches = dm.train_batches(16, _gen(0))
     assert len(batches) == math.ceil(n / 16)
     seen = 0
@@ -411,8 +421,17 @@ def _one_image_module(kind: str, tmp_path: Path, workers: int = 0) -> DataModule
     if kind == "memory":
         x = torch.from_numpy(image).permute(2, 0, 1).contiguous().expand(12, -1, -1, -1).contiguous()
         split = TensorSplit(x, torch.arange(12) % 2, torch.arange(12))
-        return DataModule(name="one", train=split, val=split, test=split, num_classes=2, in_chans=3, image_size=40,
-                          mean=(0.5,) * 3, std=(0.25,) * 3)  # fmt: skip
+        return DataModule(
+            name="one",
+            train=split,
+            val=split,
+            test=split,
+            num_classes=2,
+            in_chans=3,
+            image_size=40,
+            mean=(0.5,) * 3,
+            std=(0.25,) * 3,
+        )
     from PIL import Image
 
     for split, n in (("train", 6), ("val", 1)):
@@ -470,7 +489,6 @@ def test_seeded_crops_follow_torchvision_random_resized_crop() -> None:
     from PIL import Image
     from torchvision.transforms import RandomResizedCrop
 
-
     def stats(boxes: list[tuple[int, int, int, int]], width: int, height: int) -> tuple[float, ...]:
         area = sum(h * w for _, _, h, w in boxes) / len(boxes) / (width * height)
         ratio = sum(w / h for _, _, h, w in boxes) / len(boxes)
@@ -480,8 +498,9 @@ def test_seeded_crops_follow_torchvision_random_resized_crop() -> None:
     for width, height in ((48, 40), (200, 20), (20, 200), (7, 9)):  # wide and tall: mostly the fallback
         rng = random.Random(0)
         ours = [SeededCrops.crop_box(width, height, rng) for _ in range(4000)]
-        assert all(h > 0 and w > 0 and t + h <= height and lft + w <= width and min(t, lft) >= 0
-                   for t, lft, h, w in ours)  # fmt: skip
+        assert all(
+            h > 0 and w > 0 and t + h <= height and lft + w <= width and min(t, lft) >= 0 for t, lft, h, w in ours
+        )
         with torch.random.fork_rng(devices=[]):
             torch.manual_seed(0)
             img = Image.new("RGB", (width, height))
@@ -502,7 +521,6 @@ def test_cifar_reader_refuses_code_in_pickles(tmp_path) -> None:
     """A crafted batch file that would run code on unpickling is refused, and the code does not run."""
     import os
     import pickle
-
 
     marker = tmp_path / "pwned"
 

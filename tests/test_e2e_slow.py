@@ -28,9 +28,26 @@ def _cells(db: Path, experiment: str) -> list:
 
 @pytest.mark.skipif(not CIFAR_SUBSET.is_dir(), reason="needs ../shared/data/cifar10-subset")
 def test_cifar10_subset_recipe_with_one_epoch_stages(tmp_path: Path) -> None:
-    cmd = [sys.executable, "-m", "prunebench", "run", str(ROOT / "recipes" / "cifar10subset_resnet20.yaml"), "-q",
-           "-o", f"data.root={CIFAR_SUBSET}", "-o", "dense.epochs=1", "-o", "sparsity.epochs=1",
-           "-o", "sparsity.require_pull=false", "-o", "finetune.epochs=1", "-o", "seeds=1"]
+    cmd = [
+        sys.executable,
+        "-m",
+        "prunebench",
+        "run",
+        str(ROOT / "recipes" / "cifar10subset_resnet20.yaml"),
+        "-q",
+        "-o",
+        f"data.root={CIFAR_SUBSET}",
+        "-o",
+        "dense.epochs=1",
+        "-o",
+        "sparsity.epochs=1",
+        "-o",
+        "sparsity.require_pull=false",
+        "-o",
+        "finetune.epochs=1",
+        "-o",
+        "seeds=1",
+    ]
     proc = subprocess.run(cmd, cwd=tmp_path, capture_output=True, text=True, timeout=3000)
     assert proc.returncode == 0, proc.stderr[-3000:]
     cells = _cells(tmp_path / "mlflow.db", "cifar10subset_resnet20")
@@ -43,12 +60,22 @@ def test_cifar10_subset_recipe_with_one_epoch_stages(tmp_path: Path) -> None:
 
 def test_quickstart_demo_and_report(tmp_path: Path) -> None:
     recipe = ROOT / "recipes" / "quickstart.yaml"
-    run = subprocess.run([sys.executable, "-m", "prunebench", "run", str(recipe), "-q"], cwd=tmp_path,
-                         capture_output=True, text=True, timeout=3000)
+    run = subprocess.run(
+        [sys.executable, "-m", "prunebench", "run", str(recipe), "-q"],
+        cwd=tmp_path,
+        capture_output=True,
+        text=True,
+        timeout=3000,
+    )
     assert run.returncode == 0, run.stderr[-3000:]
     out = tmp_path / "report"
-    cmp = subprocess.run([sys.executable, "-m", "prunebench", "compare", "--experiment", "quickstart", "--out", str(out)],
-                         cwd=tmp_path, capture_output=True, text=True, timeout=600)
+    cmp = subprocess.run(
+        [sys.executable, "-m", "prunebench", "compare", "--experiment", "quickstart", "--out", str(out)],
+        cwd=tmp_path,
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
     assert cmp.returncode == 0, cmp.stderr[-3000:]
     table = json.loads((out / "table.json").read_text())
     assert table  # rows for the dense model and every method

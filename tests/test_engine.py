@@ -110,7 +110,9 @@ def test_resnet56_prunes_to_half_the_macs() -> None:
     model, x = make("resnet56_cifar")
     res = prune_to_target(model, available_methods()["l1"](), 0.5, x)
     work = res.timings["groups"] + res.timings["plan"] + res.timings["cut"]
-    print(f"resnet56 -> 50%: {work:.2f} s pruning + {res.timings['count']:.2f} s fvcore; achieved {res.macs_reduction:.4f}")
+    print(
+        f"resnet56 -> 50%: {work:.2f} s pruning + {res.timings['count']:.2f} s fvcore; achieved {res.macs_reduction:.4f}"
+    )
     assert abs(res.macs_reduction - 0.5) <= TOL
 
 
@@ -160,7 +162,9 @@ def test_scope_and_coupling() -> None:
     assert len(coupled) == 2  # stage-2 and stage-3 streams; stage 1 contains the stem
     for g in internal:
         assert [(m.kind, type(m.module)) for m in g.members] == [
-            ("out", nn.Conv2d), ("out", nn.BatchNorm2d), ("in", nn.Conv2d)
+            ("out", nn.Conv2d),
+            ("out", nn.BatchNorm2d),
+            ("in", nn.Conv2d),
         ]
     dn, xd = make("densenet40_cifar")
     _, auto = build_groups(dn, xd, scope="auto")
@@ -189,7 +193,9 @@ def test_never_pruned_layers() -> None:
     with pytest.raises(UserError, match="layer1.0.conv1"):
         build_groups(model, x, ignored_layers=["layer1.0.cnv1"])
     with pytest.raises(UserError, match="nothing to prune"):
-        build_groups(model, x, scope="internal", ignored_layers=[f"layer{s}.{b}.conv1" for s in (1, 2, 3) for b in range(3)])
+        build_groups(
+            model, x, scope="internal", ignored_layers=[f"layer{s}.{b}.conv1" for s in (1, 2, 3) for b in range(3)]
+        )
 
 
 # -- the docs/methods.md invariant ----------------------------------------------------------------------

@@ -13,7 +13,6 @@ import prunebench.models  # noqa: F401  (registers the CIFAR models into timm)
 from prunebench.measure import count_macs, measure_latency
 
 
-
 @pytest.fixture(autouse=True)
 def _one_thread():
     threads = torch.get_num_threads()
@@ -29,8 +28,10 @@ def test_resnet56_matches_the_papers() -> None:
     t = time.perf_counter()
     r = count_macs(model, x)
     seconds = time.perf_counter() - t
-    print(f"resnet56_cifar: {r.macs / 1e6:.2f} M MACs (fvcore), {r.macs_conv_fc / 1e6:.2f} M conv+fc, "
-          f"{r.params / 1e6:.3f} M params, {seconds:.2f} s")
+    print(
+        f"resnet56_cifar: {r.macs / 1e6:.2f} M MACs (fvcore), {r.macs_conv_fc / 1e6:.2f} M conv+fc, "
+        f"{r.params / 1e6:.3f} M params, {seconds:.2f} s"
+    )
     assert r.macs_conv_fc == pytest.approx(125.5e6, rel=0.01)
     assert r.macs == pytest.approx(128.2e6, rel=0.02)  # fvcore adds BN (2 per element) and pooling
     assert r.params == pytest.approx(0.85e6, rel=0.01)
@@ -49,7 +50,13 @@ def test_resnet18_counts_are_consistent() -> None:
     layers = {row["name"]: row for row in r.per_layer}
     assert len(layers) == sum(isinstance(m, (nn.Conv2d, nn.Linear)) for m in model.modules())
     assert r.macs_conv_fc == sum(row["macs"] for row in r.per_layer)
-    assert layers["conv1"] == {"name": "conv1", "type": "Conv2d", "in_channels": 3, "out_channels": 64, "macs": 118013952}
+    assert layers["conv1"] == {
+        "name": "conv1",
+        "type": "Conv2d",
+        "in_channels": 3,
+        "out_channels": 64,
+        "macs": 118013952,
+    }
     assert layers["fc"]["macs"] == 512 * 10
     assert r.by_module[""] == r.macs and r.by_module["layer1.0.bn1"] > 0
 

@@ -194,10 +194,15 @@ def test_penalty_with_a_flatten_consumer_owns_several_features_per_channel() -> 
     conv, bn, fc = nn.Conv2d(3, 4, 3, padding=1, bias=False), nn.BatchNorm2d(4), nn.Linear(16, 5)
     group = out_in_group(conv, bn, fc, 4, consumer_idxs=torch.arange(16).view(4, 4))
     method = attached("oicsr", nn.Sequential(conv, bn, fc), [group], **{"lambda": 1.0})
-    energy = torch.stack([
-        conv.weight[c].pow(2).sum() + bn.weight[c] ** 2 + bn.bias[c] ** 2 + fc.weight[:, 4 * c:4 * c + 4].pow(2).sum()
-        for c in range(4)
-    ]).detach()
+    energy = torch.stack(
+        [
+            conv.weight[c].pow(2).sum()
+            + bn.weight[c] ** 2
+            + bn.bias[c] ** 2
+            + fc.weight[:, 4 * c : 4 * c + 4].pow(2).sum()
+            for c in range(4)
+        ]
+    ).detach()
     torch.testing.assert_close(method.penalty().detach(), energy.sqrt().sum(), rtol=1e-5, atol=1e-6)
     torch.testing.assert_close(method.score(group), energy, rtol=1e-5, atol=1e-6)
 
@@ -411,9 +416,14 @@ def test_slimming_leaves_norm_layers_outside_prunable_groups_alone() -> None:
 
 
 # -- gradients and device syncs ------------------------------------------------------------------
-@pytest.mark.parametrize("config", [
-    {"name": "oicsr"}, {"name": "oicsr", "variant": "growl", "growl_min": 0.0}, {"name": "group_lasso"},
-])
+@pytest.mark.parametrize(
+    "config",
+    [
+        {"name": "oicsr"},
+        {"name": "oicsr", "variant": "growl", "growl_min": 0.0},
+        {"name": "group_lasso"},
+    ],
+)
 def test_penalty_gradient_is_finite_at_an_exactly_zero_group(setup: Setup, config: dict) -> None:
     model, groups = setup
     with torch.no_grad():
@@ -432,6 +442,7 @@ def test_penalty_gradient_is_finite_at_an_exactly_zero_group(setup: Setup, confi
 @contextmanager
 def no_host_sync(monkeypatch: pytest.MonkeyPatch) -> Iterator[None]:
     """Make ``.item()``, ``.tolist()`` and Python conversions of tensors raise inside the block."""
+
     def boom(*_: object, **__: object) -> None:
         raise AssertionError("a hook synchronised with the device")
 
@@ -442,9 +453,13 @@ def no_host_sync(monkeypatch: pytest.MonkeyPatch) -> Iterator[None]:
 
 
 HOOK_CONFIGS = [
-    {"name": "oicsr"}, {"name": "oicsr", "mode": "proximal"},
-    {"name": "oicsr", "variant": "growl"}, {"name": "oicsr", "variant": "growl", "mode": "proximal"},
-    {"name": "group_lasso"}, {"name": "group_lasso", "mode": "proximal"}, {"name": "slimming"},
+    {"name": "oicsr"},
+    {"name": "oicsr", "mode": "proximal"},
+    {"name": "oicsr", "variant": "growl"},
+    {"name": "oicsr", "variant": "growl", "mode": "proximal"},
+    {"name": "group_lasso"},
+    {"name": "group_lasso", "mode": "proximal"},
+    {"name": "slimming"},
 ] + [{"name": n} for n in available_methods() if n not in MINE]
 
 

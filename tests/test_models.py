@@ -10,6 +10,7 @@ import torch_pruning as tp
 from torch import nn
 
 from prunebench.errors import UserError
+from prunebench.groups import classifier_and_stem, customized_pruners
 from prunebench.models import (
     CIFAR_MODELS,
     BasicBlock,
@@ -19,7 +20,6 @@ from prunebench.models import (
     create_model,
     list_models,
 )
-from prunebench.groups import classifier_and_stem, customized_pruners
 from prunebench.recipe import ModelConfig
 
 pytestmark = pytest.mark.unit
@@ -73,7 +73,15 @@ def _layer_members(model: nn.Module, DG: tp.DependencyGraph, group: tp.Group) ->
 
 
 def test_every_cifar_model_is_registered_in_timm() -> None:
-    expected = {"resnet8_cifar", "resnet20_cifar", "resnet32_cifar", "resnet56_cifar", "resnet110_cifar", "vgg16_cifar", "densenet40_cifar"}
+    expected = {
+        "resnet8_cifar",
+        "resnet20_cifar",
+        "resnet32_cifar",
+        "resnet56_cifar",
+        "resnet110_cifar",
+        "vgg16_cifar",
+        "densenet40_cifar",
+    }
     assert set(CIFAR) == set(CIFAR_MODELS) == expected
     assert set(timm.list_models("*cifar*")) == expected
 
@@ -143,7 +151,10 @@ def test_resnet_option_b_uses_projections() -> None:
     model = timm.create_model("resnet20_cifar", shortcut="B")
     assert not any(isinstance(m, ShortcutA) for m in model.modules())
     projections = [b.shortcut for b in (model.layer2[0], model.layer3[0])]
-    assert all(isinstance(p[0], nn.Conv2d) and p[0].kernel_size == (1, 1) and isinstance(p[1], nn.BatchNorm2d) for p in projections)
+    assert all(
+        isinstance(p[0], nn.Conv2d) and p[0].kernel_size == (1, 1) and isinstance(p[1], nn.BatchNorm2d)
+        for p in projections
+    )
     assert _params(model) > _params(timm.create_model("resnet20_cifar"))
     assert model(torch.randn(2, 3, 32, 32)).shape == (2, 10)
 

@@ -18,8 +18,21 @@ def test_methods_subpackage_imports() -> None:
 
 def test_built_wheel_contains_methods(tmp_path: Path) -> None:
     out = subprocess.run(
-        [sys.executable, "-m", "pip", "wheel", str(ROOT), "--no-deps", "--no-build-isolation", "-q", "-w", str(tmp_path)],
-        capture_output=True, text=True, timeout=300,
+        [
+            sys.executable,
+            "-m",
+            "pip",
+            "wheel",
+            str(ROOT),
+            "--no-deps",
+            "--no-build-isolation",
+            "-q",
+            "-w",
+            str(tmp_path),
+        ],
+        capture_output=True,
+        text=True,
+        timeout=300,
     )
     assert out.returncode == 0, out.stderr
     wheel = next(tmp_path.glob("prunebench-*.whl"))
@@ -32,7 +45,12 @@ def test_built_wheel_contains_methods(tmp_path: Path) -> None:
 
 
 def test_python_dash_m_and_console_script() -> None:
-    for cmd in ([sys.executable, "-m", "prunebench", "--help"], [str(Path(sys.executable).parent / "prunebench"), "methods"]):
+    for cmd in (
+        [sys.executable, "-m", "prunebench", "--help"],
+        [str(Path(sys.executable).parent / "prunebench"), "methods"],
+    ):
         out = subprocess.run(cmd, capture_output=True, text=True, timeout=120)
         assert out.returncode == 0, out.stderr
-    assert "run" in subprocess.run([sys.executable, "-m", "prunebench", "--help"], capture_output=True, text=True).stdout
+    assert (
+        "run" in subprocess.run([sys.executable, "-m", "prunebench", "--help"], capture_output=True, text=True).stdout
+    )

@@ -6,11 +6,10 @@ from pathlib import Path
 
 import pytest
 
+from conftest import ROOT
 from prunebench.errors import UserError
 from prunebench.recipe import apply_override
 from prunebench.registry import load_recipe
-
-from conftest import ROOT
 
 pytestmark = pytest.mark.unit
 
@@ -49,8 +48,16 @@ def test_defaults_and_seed_count(write_recipe, tiny_recipe) -> None:
 
 def test_overrides_parse_yaml(write_recipe, tiny_recipe) -> None:
     path = write_recipe(tiny_recipe)
-    r = load_recipe(path, ["finetune.epochs=2", "seeds=[0, 5]", "methods=[{name: random}, {name: l1}]",
-                           "prune.target=[0.3,0.5]", "tracking.uri=sqlite:///x.db"])
+    r = load_recipe(
+        path,
+        [
+            "finetune.epochs=2",
+            "seeds=[0, 5]",
+            "methods=[{name: random}, {name: l1}]",
+            "prune.target=[0.3,0.5]",
+            "tracking.uri=sqlite:///x.db",
+        ],
+    )
     assert r.finetune.epochs == 2 and r.seed_list == [0, 5]
     assert [m["name"] for m in r.methods] == ["random", "l1"]
     assert r.prune.targets == [0.3, 0.5] and r.tracking.uri == "sqlite:///x.db"
@@ -120,13 +127,16 @@ def test_extends_cycle_and_missing_parent(write_recipe) -> None:
         load_recipe(c)
 
 
-@pytest.mark.parametrize("override,pattern", [
-    ("finetune.epochs", "expected KEY=VALUE"),
-    ("fine tune=2", "bad key"),
-    ("finetune.epochs=[1", "not valid YAML"),
-    ("finetune.epokhs=2", r"finetune\.epokhs: unknown key\. Did you mean 'epochs'"),
-    ("methods[9].lambda=1", r"index \[9\] is out of range"),
-])
+@pytest.mark.parametrize(
+    "override,pattern",
+    [
+        ("finetune.epochs", "expected KEY=VALUE"),
+        ("fine tune=2", "bad key"),
+        ("finetune.epochs=[1", "not valid YAML"),
+        ("finetune.epokhs=2", r"finetune\.epokhs: unknown key\. Did you mean 'epochs'"),
+        ("methods[9].lambda=1", r"index \[9\] is out of range"),
+    ],
+)
 def test_bad_overrides(write_recipe, tiny_recipe, override, pattern) -> None:
     with pytest.raises(UserError, match=pattern):
         load_recipe(write_recipe(tiny_recipe), [override])

@@ -30,8 +30,15 @@ from prunebench.files import load_torch
 # Long enough epochs (6 steps) that a signal sent right after a checkpoint lands inside the next epoch.
 RESUME_RECIPE: dict = {
     "name": "resume",
-    "data": {"name": "synthetic", "num_samples": 256, "image_size": 16, "num_classes": 4, "val_split": 0.25,
-             "batch_size": 32, "eval_batch_size": 128},
+    "data": {
+        "name": "synthetic",
+        "num_samples": 256,
+        "image_size": 16,
+        "num_classes": 4,
+        "val_split": 0.25,
+        "batch_size": 32,
+        "eval_batch_size": 128,
+    },
     "model": {"name": "resnet8_cifar"},
     "dense": {"epochs": 2, "lr": 0.05},
     "sparsity": {"epochs": 2, "lr": 0.02},
@@ -43,8 +50,13 @@ RESUME_RECIPE: dict = {
     "dense_control": False,  # one cell to kill and resume (a control resumes through the same checkpoints)
 }
 NOT_COMPARED = {"latency_ms", "latency_ms_batch", "dense_latency_ms", "dense_latency_ms_batch", "speedup"}
-ENV = {**os.environ, "OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1", "PYTHONWARNINGS": "ignore",
-       "MLFLOW_TRACKING_URI": ""}
+ENV = {
+    **os.environ,
+    "OMP_NUM_THREADS": "1",
+    "MKL_NUM_THREADS": "1",
+    "PYTHONWARNINGS": "ignore",
+    "MLFLOW_TRACKING_URI": "",
+}
 
 
 # -- helpers --------------------------------------------------------------------------------------------
@@ -90,12 +102,19 @@ def _in_process(argv: list[str]) -> int:
 
 
 def _start(recipe: Path, *args: str) -> subprocess.Popen:
-    return subprocess.Popen([sys.executable, "-m", "prunebench", "run", str(recipe), *args], env=ENV,
-                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, cwd=recipe.parent)
+    return subprocess.Popen(
+        [sys.executable, "-m", "prunebench", "run", str(recipe), *args],
+        env=ENV,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        cwd=recipe.parent,
+    )
 
 
-def _wait_for_checkpoint(proc: subprocess.Popen, workdir: Path, ok: Callable[[TrainingCheckpoint], bool],
-                         timeout: float = 240) -> TrainingCheckpoint:
+def _wait_for_checkpoint(
+    proc: subprocess.Popen, workdir: Path, ok: Callable[[TrainingCheckpoint], bool], timeout: float = 240
+) -> TrainingCheckpoint:
     """Poll the workdir until a checkpoint satisfying ``ok`` exists (files appear atomically)."""
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
@@ -190,8 +209,9 @@ class _Stop(Exception):
     pass
 
 
-@pytest.mark.parametrize("method,stop_at", [("random", ("sparsity", 1)), ("thinet", ("between", 2)),
-                                            ("oicsr", ("finetune", 3))])
+@pytest.mark.parametrize(
+    "method,stop_at", [("random", ("sparsity", 1)), ("thinet", ("between", 2)), ("oicsr", ("finetune", 3))]
+)
 def test_cell_resumes_from_any_stage_of_iterative_pruning(method, stop_at, tmp_path) -> None:
     """In-process: a cell stopped in any stage (iterative pruning: sparsity, prune, between, prune,
     fine-tune) and resumed from its checkpoint ends with the uninterrupted cell's exact weights."""
@@ -200,9 +220,14 @@ def test_cell_resumes_from_any_stage_of_iterative_pruning(method, stop_at, tmp_p
     from prunebench.measure import count_macs
     from prunebench.registry import load_recipe
 
-    recipe = load_recipe(_recipe_in(tmp_path, TINY_RECIPE, sparsity={"epochs": 2, "lr": 0.01},
-                                    prune={"target": 0.4, "scope": "internal", "iterations": 2, "epochs_between": 1,
-                                           "calib_images": 32}))
+    recipe = load_recipe(
+        _recipe_in(
+            tmp_path,
+            TINY_RECIPE,
+            sparsity={"epochs": 2, "lr": 0.01},
+            prune={"target": 0.4, "scope": "internal", "iterations": 2, "epochs_between": 1, "calib_images": 32},
+        )
+    )
     ctx = Context(recipe, quiet=True)
     dense = dense_model(ctx, 0)
     macs = count_macs(dense, ctx.example).macs
@@ -217,11 +242,15 @@ def test_cell_resumes_from_any_stage_of_iterative_pruning(method, stop_at, tmp_p
     def stop(stage: str, _stats, step: int) -> None:
         if (stage, step) == stop_at:
             raise _Stop
+
     with pytest.raises(_Stop):
         cell("stopped", stop)
     (model, resumed_stages), ckpts = cell("stopped")  # continues from the checkpoint before ``stop_at``
-    assert ckpts.latest() is not None and resumed_stages == stages == {"sparsity": [0, 2], "between": [2, 3],
-                                                                        "finetune": [3, 4]}
+    assert ckpts.latest() is not None and resumed_stages == stages == {
+        "sparsity": [0, 2],
+        "between": [2, 3],
+        "finetune": [3, 4],
+    }
     got, want = model.state_dict(), expected.state_dict()
     assert got.keys() == want.keys()
     assert all(torch.equal(got[k], want[k]) for k in want), [k for k in want if not torch.equal(got[k], want[k])]
@@ -229,7 +258,7 @@ def test_cell_resumes_from_any_stage_of_iterative_pruning(method, stop_at, tmp_p
 
 # -- failure isolation ------------------------------------------------------------------------------------
 
-FAILING_PLUGIN = '''
+FAILING_PLUGIN = """
 import torch
 from prunebench import PruningMethod, register_method
 
@@ -246,7 +275,7 @@ class Raises(PruningMethod):
     description = "test: scoring raises"
     def score(self, group):
         raise RuntimeError("score exploded on purpose")
-'''
+"""
 
 
 def test_failing_cells_are_isolated(tmp_path) -> None:
@@ -255,15 +284,23 @@ def test_failing_cells_are_isolated(tmp_path) -> None:
     (tmp_path / "unnamed.py").write_text("open('plugin-ran', 'w').close()\n")  # never named: must not run
     site = tmp_path / "site"  # an installed distribution whose entry point fails to import
     (site / "broken_pb_plugin-0.1.dist-info").mkdir(parents=True)
-    (site / "broken_pb_plugin-0.1.dist-info" / "METADATA").write_text("Metadata-Version: 2.1\nName: broken-pb-plugin\nVersion: 0.1\n")
+    (site / "broken_pb_plugin-0.1.dist-info" / "METADATA").write_text(
+        "Metadata-Version: 2.1\nName: broken-pb-plugin\nVersion: 0.1\n"
+    )
     (site / "broken_pb_plugin-0.1.dist-info" / "entry_points.txt").write_text(
-        "[prunebench.methods]\nbroken_ep = broken_pb_plugin:Method\n")
+        "[prunebench.methods]\nbroken_ep = broken_pb_plugin:Method\n"
+    )
     (site / "broken_pb_plugin.py").write_text("import a_module_that_is_not_installed\n")
     methods = [{"name": "l1"}, {"name": "explodes"}, {"name": "raises"}, {"name": "broken_ep"}]
     recipe = _recipe_in(tmp_path, TINY_RECIPE, plugins=[str(tmp_path / "failing.py")], methods=methods)
-    proc = subprocess.run([sys.executable, "-m", "prunebench", "run", str(recipe), "-q"], capture_output=True,
-                          text=True, timeout=300, cwd=tmp_path,
-                          env={**ENV, "PYTHONPATH": os.pathsep.join([str(site), os.environ.get("PYTHONPATH", "")])})
+    proc = subprocess.run(
+        [sys.executable, "-m", "prunebench", "run", str(recipe), "-q"],
+        capture_output=True,
+        text=True,
+        timeout=300,
+        cwd=tmp_path,
+        env={**ENV, "PYTHONPATH": os.pathsep.join([str(site), os.environ.get("PYTHONPATH", "")])},
+    )
     assert proc.returncode == 1, proc.stderr
     assert "3 of 4 cells failed" in proc.stderr and "Traceback" not in proc.stderr
     assert not (tmp_path / "plugin-ran").exists()
@@ -271,8 +308,11 @@ def test_failing_cells_are_isolated(tmp_path) -> None:
     client, parents, cells = _runs(tmp_path, "tiny")
     by_method = {c.data.params["method"]: c for c in cells}
     assert by_method["l1"].info.status == "FINISHED" and parents[0].info.status == "FINISHED"
-    expected = {"explodes": ("diverged", "loss became"), "raises": ("error", "score exploded on purpose"),
-                "broken_ep": ("user-error", "a_module_that_is_not_installed")}
+    expected = {
+        "explodes": ("diverged", "loss became"),
+        "raises": ("error", "score exploded on purpose"),
+        "broken_ep": ("user-error", "a_module_that_is_not_installed"),
+    }
     for name, (kind, needle) in expected.items():
         run = by_method[name]
         assert run.info.status == "FAILED", name
@@ -321,29 +361,76 @@ CATALOGUE = [
     ("wrong-type", {"dense": {"epochs": "many"}}, [], r"dense\.epochs: .*integer"),
     ("target-zero", {"prune": {"target": 0}}, [], r"prune\.target: .*strictly between 0 and 1"),
     ("target-one", {"prune": {"target": 1.0}}, [], r"prune\.target: .*strictly between 0 and 1"),
-    ("negative-lambda", {"methods": [{"name": "oicsr", "lambda": -1e-4}]}, [], r"methods\[0\]\.lambda: .*greater than or equal to 0"),
+    (
+        "negative-lambda",
+        {"methods": [{"name": "oicsr", "lambda": -1e-4}]},
+        [],
+        r"methods\[0\]\.lambda: .*greater than or equal to 0",
+    ),
     ("negative-lr", {"finetune": {"epochs": 1, "lr": -0.1}}, [], r"finetune\.lr: .*greater than 0"),
     ("zero-dense-epochs", {"dense": {"epochs": 0}}, [], r"dense: .*at least 1"),
     ("max-layer-ratio-0", {"prune": {"max_layer_ratio": 0}}, [], r"prune\.max_layer_ratio: .*greater than 0"),
-    ("max-layer-ratio-big", {"prune": {"max_layer_ratio": 1.2}}, [], r"prune\.max_layer_ratio: .*less than or equal to 1"),
+    (
+        "max-layer-ratio-big",
+        {"prune": {"max_layer_ratio": 1.2}},
+        [],
+        r"prune\.max_layer_ratio: .*less than or equal to 1",
+    ),
     ("extends-cycle", "extends: r.yaml\nname: loop\n", [], r"'extends' cycle"),
     ("extends-missing", "extends: nowhere.yaml\nname: orphan\n", [], r"parent recipe 'nowhere.yaml' not found"),
     ("override-syntax", {}, ["-o", "finetune.epochs"], r"expected KEY=VALUE"),
     ("override-unknown-key", {}, ["-o", "finetune.epokhs=2"], r"finetune\.epokhs: unknown key\. Did you mean 'epochs'"),
-    ("unknown-method", {"methods": [{"name": "slimmming"}]}, [], r"unknown method 'slimmming'\. Did you mean 'slimming'"),
-    ("unknown-model", {"model": {"name": "resnet8_cifra"}}, [], r"unknown model 'resnet8_cifra'\. Did you mean 'resnet8_cifar'"),
+    (
+        "unknown-method",
+        {"methods": [{"name": "slimmming"}]},
+        [],
+        r"unknown method 'slimmming'\. Did you mean 'slimming'",
+    ),
+    (
+        "unknown-model",
+        {"model": {"name": "resnet8_cifra"}},
+        [],
+        r"unknown model 'resnet8_cifra'\. Did you mean 'resnet8_cifar'",
+    ),
     ("unknown-dataset", {"data": {"name": "cifar11"}}, [], r"data\.name: .*'cifar10'"),
     ("plugin-missing", {"plugins": ["nope.py"]}, [], r"plugin file 'nope.py' does not exist"),
     ("plugin-registers-nothing", lambda t: {"plugins": [_empty_plugin(t)]}, [], r"registers no method"),
-    ("dataset-missing", {"data": {"name": "cifar10", "root": "nowhere", "download": False}}, [],
-     r"CIFAR-10 not found at .*nowhere.*data\.download: true"),
-    ("dataset-incomplete", lambda t: {"data": {"name": "cifar10", "root": _incomplete_cifar(t)}}, [],
-     r"CIFAR-10 incomplete \(data_batch_2.* missing\)"),
-    ("checkpoint-missing", {"dense": {"checkpoint": "no_such.pt"}}, [], r"dense\.checkpoint 'no_such.pt' does not exist"),
-    ("checkpoint-mismatch", lambda t: {"dense": {"checkpoint": _bad_checkpoint(t)}}, [],
-     r"dense\.checkpoint .*other\.pt' does not match model 'resnet8_cifar'"),
-    ("tracking-unreachable", {"tracking": {"uri": "http://127.0.0.1:9"}}, [], r"tracking URI 'http://127\.0\.0\.1:9' cannot be reached"),
-    ("workdir-unwritable", lambda t: {"workdir": _file_in_the_way(t)}, [], r"workdir .* cannot be created: .*a_file' is a file"),
+    (
+        "dataset-missing",
+        {"data": {"name": "cifar10", "root": "nowhere", "download": False}},
+        [],
+        r"CIFAR-10 not found at .*nowhere.*data\.download: true",
+    ),
+    (
+        "dataset-incomplete",
+        lambda t: {"data": {"name": "cifar10", "root": _incomplete_cifar(t)}},
+        [],
+        r"CIFAR-10 incomplete \(data_batch_2.* missing\)",
+    ),
+    (
+        "checkpoint-missing",
+        {"dense": {"checkpoint": "no_such.pt"}},
+        [],
+        r"dense\.checkpoint 'no_such.pt' does not exist",
+    ),
+    (
+        "checkpoint-mismatch",
+        lambda t: {"dense": {"checkpoint": _bad_checkpoint(t)}},
+        [],
+        r"dense\.checkpoint .*other\.pt' does not match model 'resnet8_cifar'",
+    ),
+    (
+        "tracking-unreachable",
+        {"tracking": {"uri": "http://127.0.0.1:9"}},
+        [],
+        r"tracking URI 'http://127\.0\.0\.1:9' cannot be reached",
+    ),
+    (
+        "workdir-unwritable",
+        lambda t: {"workdir": _file_in_the_way(t)},
+        [],
+        r"workdir .* cannot be created: .*a_file' is a file",
+    ),
 ]
 
 
@@ -473,8 +560,9 @@ def test_tracking_retries_a_locked_database() -> None:
 
 def test_two_runs_share_one_store_and_dense_cache(tmp_path) -> None:
     # dense training long enough (10 x 12 steps) that the second process arrives while the first trains
-    recipe = _recipe_in(tmp_path, TINY_RECIPE, data={**TINY_RECIPE["data"], "num_samples": 512},
-                        dense={"epochs": 10, "lr": 0.05})
+    recipe = _recipe_in(
+        tmp_path, TINY_RECIPE, data={**TINY_RECIPE["data"], "num_samples": 512}, dense={"epochs": 10, "lr": 0.05}
+    )
     procs = [_start(recipe) for _ in range(2)]
     outs = [p.communicate(timeout=300) for p in procs]
     for p, (_out, err) in zip(procs, outs):

@@ -12,13 +12,20 @@ import pytest
 import torch
 
 from prunebench.cli import main
+from prunebench.commands.run import CONTROL, cell_phases
 from prunebench.groups import build_groups
 from prunebench.models import create_model
-from prunebench.commands.run import CONTROL, cell_phases
 from prunebench.recipe import Recipe, Schedule
 from prunebench.registry import available_methods, build_method
-from prunebench.sparsity import (MIN_PULL, ZERO_THRESHOLD, SparsityMonitor, lambda_for_pull, lr_sum, sparsity_pull,
-                                 steps_per_epoch)
+from prunebench.sparsity import (
+    MIN_PULL,
+    ZERO_THRESHOLD,
+    SparsityMonitor,
+    lambda_for_pull,
+    lr_sum,
+    sparsity_pull,
+    steps_per_epoch,
+)
 from prunebench.train import EpochStats, lr_at, train
 
 REGULARIZED = sorted(n for n, cls in available_methods().items() if cls.has_sparsity_training())
@@ -43,7 +50,9 @@ def test_the_regularized_methods_are_the_papers() -> None:
 
 @pytest.mark.parametrize("schedule", ["constant", "cosine", "step"])
 def test_lr_sum_is_the_loops_learning_rates(schedule: str) -> None:
-    sched = Schedule(epochs=3, lr=0.05, schedule=schedule, milestones=[1], warmup_epochs=1 if schedule == "cosine" else 0)
+    sched = Schedule(
+        epochs=3, lr=0.05, schedule=schedule, milestones=[1], warmup_epochs=1 if schedule == "cosine" else 0
+    )
     n = 7
     by_hand = 0.0
     for epoch in range(3):
@@ -126,8 +135,10 @@ def test_a_strong_regularizer_zeroes_channels_and_a_weak_one_does_not(name: str)
 
     # In loss mode a group at zero oscillates by lr*lambda/(1-mu) a step (pull / steps of the median norm):
     # the stage needs many more steps than the pull to settle under the 5% threshold -- 96 steps here.
-    data = load_data(DataConfig(name="synthetic", num_samples=64, image_size=16, num_classes=4, val_split=0,
-                                batch_size=8), torch.device("cpu"))
+    data = load_data(
+        DataConfig(name="synthetic", num_samples=64, image_size=16, num_classes=4, val_split=0, batch_size=8),
+        torch.device("cpu"),
+    )
     sched = Schedule(epochs=12, lr=0.05, momentum=0.9, weight_decay=0, schedule="constant")
     steps = steps_per_epoch(64, 8)
     fracs = {}
@@ -136,7 +147,9 @@ def test_a_strong_regularizer_zeroes_channels_and_a_weak_one_does_not(name: str)
         method = build_and_attach(name, lambda_for_pull(probe, sched, steps, pull), probe)
         mon = SparsityMonitor.start_of_stage(method, sched, steps)
         assert mon.pull == pytest.approx(pull, rel=1e-4)
-        train(model, lambda e: data.train_batches(8, torch.Generator().manual_seed(e)), sched, method=method, quiet=True)
+        train(
+            model, lambda e: data.train_batches(8, torch.Generator().manual_seed(e)), sched, method=method, quiet=True
+        )
         fracs[pull] = mon.zero_frac()
     assert fracs[1e-3] == 0.0
     assert fracs[3.0] >= 0.2, fracs
@@ -151,8 +164,13 @@ def test_group_lasso_scores_the_group_it_regularizes() -> None:
     with torch.no_grad():  # make the BN part matter: the filter alone would rank differently
         norm = g.norm_layer()
         norm.weight.copy_(torch.linspace(2.0, 0.1, g.size))
-    whole = torch.sqrt(sum(((p.detach().movedim(d, 0).reshape(p.shape[d], -1)) ** 2).sum(1)
-                           for s in group_slices(g, "root").slices for p, d in [(s.param, s.dim)]))
+    whole = torch.sqrt(
+        sum(
+            ((p.detach().movedim(d, 0).reshape(p.shape[d], -1)) ** 2).sum(1)
+            for s in group_slices(g, "root").slices
+            for p, d in [(s.param, s.dim)]
+        )
+    )
     assert torch.allclose(gl.score(g), whole, rtol=1e-5)
     root = next(m for m in g.part("out") if m.module is g.root)
     assert torch.allclose(filt.score(g), member_slice(root, root.module.weight, 0).sq_norms().sqrt(), rtol=1e-5)
@@ -176,8 +194,9 @@ def test_iterative_phases_keep_the_regularizer_on(tiny_recipe) -> None:
 # -- through the CLI ----------------------------------------------------------------------------------
 
 
-def test_an_inert_regularizer_warns_and_require_pull_refuses_before_training(write_recipe, tiny_recipe, capsys,
-                                                                             caplog) -> None:
+def test_an_inert_regularizer_warns_and_require_pull_refuses_before_training(
+    write_recipe, tiny_recipe, capsys, caplog
+) -> None:
     tiny_recipe["methods"] = [{"name": "oicsr", "lambda": 1e-6}]
     tiny_recipe["dense"]["epochs"] = 3
     tiny_recipe["sparsity"]["require_pull"] = True
@@ -243,10 +262,9 @@ def quickstart_dense(tmp_path_factory):
     """The quickstart's dense model of seed 0 (8 epochs on digits, ~15 s), trained once for this module."""
     import os
 
+    from conftest import ROOT
     from prunebench.commands.run import Context, dense_model
     from prunebench.registry import load_recipe
-
-    from conftest import ROOT
 
     here = os.getcwd()
     os.chdir(tmp_path_factory.mktemp("quickstart"))
@@ -275,8 +293,13 @@ def _plan_after_sparsity(ctx, dense, spec: dict):
     monitor = SparsityMonitor.start_of_stage(method, recipe.sparsity, steps)
     train(model, ctx.batches_for(0, "sparsity"), recipe.sparsity, method=method, opts=recipe.train, quiet=True)
     report = count_macs(model, ctx.example)
-    plan = plan_global(groups, score_groups(method, groups), MacsCostModel(model, groups, report),
-                       report.macs * (1 - recipe.prune.targets[0]), max_layer_ratio=recipe.prune.max_layer_ratio)
+    plan = plan_global(
+        groups,
+        score_groups(method, groups),
+        MacsCostModel(model, groups, report),
+        report.macs * (1 - recipe.prune.targets[0]),
+        max_layer_ratio=recipe.prune.max_layer_ratio,
+    )
     return [sorted(p.tolist()) for p in plan], monitor.zero_frac()
 
 

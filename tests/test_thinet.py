@@ -47,8 +47,14 @@ def conv_case(seed: int = 0) -> Case:
     model.eval()
     ar = torch.arange(8)[:, None]
     group = PrunableGroup(
-        "0", model[0], 8, [GroupMember("0", model[0], "out", ar), GroupMember("1", model[1], "out", ar),
-                           GroupMember("3", model[3], "in", ar)]
+        "0",
+        model[0],
+        8,
+        [
+            GroupMember("0", model[0], "out", ar),
+            GroupMember("1", model[1], "out", ar),
+            GroupMember("3", model[3], "in", ar),
+        ],
     )
     return Case(model, group, model[3], lambda x: model[:3](x), ar)
 
@@ -61,8 +67,14 @@ def linear_case(seed: int = 0) -> Case:
     ar = torch.arange(8)[:, None]
     cols = torch.arange(32).view(8, 4)
     group = PrunableGroup(
-        "0", model[0], 8, [GroupMember("0", model[0], "out", ar), GroupMember("1", model[1], "out", ar),
-                           GroupMember("4", model[4], "in", cols)]
+        "0",
+        model[0],
+        8,
+        [
+            GroupMember("0", model[0], "out", ar),
+            GroupMember("1", model[1], "out", ar),
+            GroupMember("4", model[4], "in", cols),
+        ],
     )
     return Case(model, group, model[4], lambda x: model[:4](x), cols)
 
@@ -169,8 +181,9 @@ def test_greedy_finds_the_known_unimportant_channels_and_beats_random(kind: str,
     greedy_err = consumer_error(case, dense_consumer, remove, held_out)
     g = torch.Generator().manual_seed(0)
     random_sets = [torch.randperm(8, generator=g)[:3] for _ in range(10)]
-    random_errs = [consumer_error(case, dense_consumer, r, held_out) for r in random_sets
-                   if sorted(r.tolist()) != answer.tolist()]
+    random_errs = [
+        consumer_error(case, dense_consumer, r, held_out) for r in random_sets if sorted(r.tolist()) != answer.tolist()
+    ]
     assert random_errs and greedy_err < 0.01 * min(random_errs)
 
 
@@ -227,12 +240,20 @@ def test_least_squares_keeps_dead_channels_at_scale_one() -> None:
 def chain(seed: int = 0) -> tuple[nn.Module, list[PrunableGroup]]:
     """``Conv-BN-ReLU-Conv-BN-ReLU-Conv`` and its two groups (conv1 -> conv2, conv2 -> conv3)."""
     torch.manual_seed(seed)
-    model = nn.Sequential(nn.Conv2d(3, 8, 3, padding=1), nn.BatchNorm2d(8), nn.ReLU(),
-                          nn.Conv2d(8, 8, 3, padding=1), nn.BatchNorm2d(8), nn.ReLU(), nn.Conv2d(8, 6, 3)).eval()
+    model = nn.Sequential(
+        nn.Conv2d(3, 8, 3, padding=1),
+        nn.BatchNorm2d(8),
+        nn.ReLU(),
+        nn.Conv2d(8, 8, 3, padding=1),
+        nn.BatchNorm2d(8),
+        nn.ReLU(),
+        nn.Conv2d(8, 6, 3),
+    ).eval()
     ar = torch.arange(8)[:, None]
     return model, [
-        PrunableGroup(f"g{i}", model[i], 8, [GroupMember(str(i), model[i], "out", ar),
-                                             GroupMember(str(j), model[j], "in", ar)])
+        PrunableGroup(
+            f"g{i}", model[i], 8, [GroupMember(str(i), model[i], "out", ar), GroupMember(str(j), model[j], "in", ar)]
+        )
         for i, j in [(0, 3), (3, 6)]
     ]
 

@@ -17,11 +17,10 @@ import pytest
 import yaml
 from optuna.trial import TrialState
 
+from conftest import ROOT
 from prunebench.cli import main
 from prunebench.recipe import TuneConfig
 from prunebench.registry import load_recipe
-
-from conftest import ROOT
 
 SPACE = {"tune": [1.0e-6, 1.0e-3], "log": True}
 
@@ -64,7 +63,9 @@ def contexts(monkeypatch: pytest.MonkeyPatch) -> list:
     return made
 
 
-def test_study_runs_logs_resumes_and_writes_a_runnable_tuned_recipe(write_recipe, tune_recipe, contexts, capsys) -> None:
+def test_study_runs_logs_resumes_and_writes_a_runnable_tuned_recipe(
+    write_recipe, tune_recipe, contexts, capsys
+) -> None:
     import mlflow
 
     path = write_recipe(tune_recipe)
@@ -134,8 +135,10 @@ def test_two_processes_share_one_sqlite_study(write_recipe, tune_recipe, tmp_pat
     path = write_recipe(tune_recipe)
     env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONWARNINGS": "ignore"}
     cmd = [sys.executable, "-m", "prunebench", "tune", str(path), "--trials", "4"]  # no -q: the trial lines are read
-    procs = [subprocess.Popen(cmd, cwd=tmp_path, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
-             for _ in range(2)]
+    procs = [
+        subprocess.Popen(cmd, cwd=tmp_path, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+        for _ in range(2)
+    ]
     outs = [p.communicate(timeout=600)[0] for p in procs]
     for p, out in zip(procs, outs):
         assert p.returncode == 0, out
@@ -218,12 +221,16 @@ def test_run_refuses_a_search_space(write_recipe, tune_recipe, capsys) -> None:
 
 
 BAD_SPACES = [
-    ({"methods": [{"name": "oicsr", "lambda": {"tune": [1e-3, 1e-6], "log": True}}]},
-     r"methods\[0\]\.lambda: .*above high"),
+    (
+        {"methods": [{"name": "oicsr", "lambda": {"tune": [1e-3, 1e-6], "log": True}}]},
+        r"methods\[0\]\.lambda: .*above high",
+    ),
     ({"methods": [{"name": "oicsr", "lambda": {"tune": [0, 1e-3], "log": True}}]}, r"log-scale .* needs low > 0"),
     ({"methods": [{"name": "oicsr", "lambda": {"tune": [1e-6]}}]}, r"exactly two numbers"),
-    ({"methods": [{"name": "oicsr", "lambda": {"tune": [-1.0, 1.0]}}]},
-     r"methods\[0\]\.lambda: .*greater than or equal to 0"),
+    (
+        {"methods": [{"name": "oicsr", "lambda": {"tune": [-1.0, 1.0]}}]},
+        r"methods\[0\]\.lambda: .*greater than or equal to 0",
+    ),
     ({"tune": {"spaces": {"oicsr": {"lamda": {"low": 1e-6, "high": 1e-3}}}}}, r"no parameter 'lamda'.*'lambda'"),
     ({"tune": {"spaces": {"oicrs": {"lambda": {"low": 1e-6, "high": 1e-3}}}}}, r"tune\.spaces\.oicrs: unknown method"),
     ({"tune": {"spaces": {"oicsr": {"lambda": {"low": 1e-6}}}}}, r"needs low and high"),
@@ -254,8 +261,14 @@ def test_plan_default_spaces_skips_and_study_names(write_recipe, tiny_recipe, ca
 
     caplog.set_level(logging.INFO, logger="prunebench")
 
-    tiny_recipe["methods"] = [{"name": "oicsr"}, {"name": "oicsr", "variant": "growl"},
-                              {"name": "slimming", "lambda": 1e-5}, {"name": "thinet"}, {"name": "l1"}, {"name": "random"}]
+    tiny_recipe["methods"] = [
+        {"name": "oicsr"},
+        {"name": "oicsr", "variant": "growl"},
+        {"name": "slimming", "lambda": 1e-5},
+        {"name": "thinet"},
+        {"name": "l1"},
+        {"name": "random"},
+    ]
     tiny_recipe["tune"] = {"spaces": {"slimming": {"lambda": {"low": 1e-6, "high": 1e-4, "log": True}}}}
     recipe = load_recipe(write_recipe(tiny_recipe), allow_spaces=True)
     tasks = plan_tasks(recipe, recipe.tune, None, None)
@@ -283,8 +296,9 @@ def test_default_storage_sits_beside_the_mlflow_store(tmp_path: Path) -> None:
 def _draws(cfg: TuneConfig, storage, name: str, n: int) -> list[float]:
     from prunebench.commands.tune.study import make_sampler
 
-    study = optuna.create_study(storage=storage, study_name=name, direction="maximize", sampler=make_sampler(cfg),
-                                load_if_exists=True)
+    study = optuna.create_study(
+        storage=storage, study_name=name, direction="maximize", sampler=make_sampler(cfg), load_if_exists=True
+    )
     study.optimize(lambda t: -abs(t.suggest_float("x", 1e-6, 1e-2, log=True) - 1e-4), n_trials=n)
     return [t.params["x"] for t in study.get_trials()]
 
@@ -305,8 +319,8 @@ def test_sampler_is_seeded_per_trial(sampler: str) -> None:
 
 def test_readme_documents_tuning() -> None:
     text = (ROOT / "README.md").read_text()
-    section = text[text.index("## Tuning the regularization factor"):]
-    section = section[:section.find("\n## ", 3)]
+    section = text[text.index("## Tuning the regularization factor") :]
+    section = section[: section.find("\n## ", 3)]
     for needle in ("prunebench tune", "prunebench run", "prunebench compare", "postgresql://", "--trials"):
         assert needle in section, needle
     assert text.index("## The command line") < text.index("## Tuning the regularization factor")

@@ -35,8 +35,14 @@ examples:
 """
 
 
-COMMANDS: dict[str, ModuleType] = {"run": run, "compare": compare, "tune": tune, "bench": bench, "methods": methods,
-                                   "models": models}
+COMMANDS: dict[str, ModuleType] = {
+    "run": run,
+    "compare": compare,
+    "tune": tune,
+    "bench": bench,
+    "methods": methods,
+    "models": models,
+}
 """The subcommands, in the order ``--help`` lists them."""
 
 

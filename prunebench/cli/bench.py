@@ -56,21 +56,31 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
         epilog=HELP,
     )
     p.add_argument("--model", default=DEFAULTS["model"], help="CIFAR model name (default: %(default)s)")
-    p.add_argument("--batch", type=int, default=DEFAULTS["batch"],
-                   help="training and latency batch (default: %(default)s)")
-    p.add_argument("--steps", type=int, default=DEFAULTS["steps"],
-                   help="training steps per repetition (default: %(default)s)")
-    p.add_argument("--reps", type=int, default=DEFAULTS["reps"],
-                   help="timed rounds (loop: twice this; regularization: this x steps one-step rounds) "
-                   "(default: %(default)s)")
-    p.add_argument("--round-to", type=int, default=DEFAULTS["round_to"],
-                   help="channel multiple for the rounded pruning variant (default: %(default)s)")
+    p.add_argument(
+        "--batch", type=int, default=DEFAULTS["batch"], help="training and latency batch (default: %(default)s)"
+    )
+    p.add_argument(
+        "--steps", type=int, default=DEFAULTS["steps"], help="training steps per repetition (default: %(default)s)"
+    )
+    p.add_argument(
+        "--reps",
+        type=int,
+        default=DEFAULTS["reps"],
+        help="timed rounds (loop: twice this; regularization: this x steps one-step rounds) (default: %(default)s)",
+    )
+    p.add_argument(
+        "--round-to",
+        type=int,
+        default=DEFAULTS["round_to"],
+        help="channel multiple for the rounded pruning variant (default: %(default)s)",
+    )
     p.add_argument("--out", default="reports/perf", help="output folder (default: %(default)s)")
     p.add_argument("--name", default=None, help="report file name without extension (default: cpu or the GPU model)")
     p.add_argument("--device", default="auto", help="auto (cuda when available), cpu, cuda, ... (default: %(default)s)")
     p.add_argument("--threads", type=int, default=None, help="torch intra-op threads (default: torch's choice)")
-    p.add_argument("--quick", action="store_true",
-                   help="tiny model (resnet8_cifar), batch 16, few steps, one thread: a smoke test")
+    p.add_argument(
+        "--quick", action="store_true", help="tiny model (resnet8_cifar), batch 16, few steps, one thread: a smoke test"
+    )
     p.add_argument("--no-profile", action="store_true", help="do not profile missed targets")
     p.add_argument("-q", "--quiet", action="store_true", help="no progress messages: warnings, errors and the table")
 
@@ -86,8 +96,23 @@ def command_line(args: argparse.Namespace) -> list[str]:
     """The command that reproduces this run (recorded in the report)."""
     if args.quick:
         return ["bench", "--quick", "--out", str(args.out)]
-    argv = ["bench", "--model", args.model, "--batch", str(args.batch), "--steps", str(args.steps), "--reps",
-            str(args.reps), "--round-to", str(args.round_to), "--out", str(args.out), "--device", args.device]
+    argv = [
+        "bench",
+        "--model",
+        args.model,
+        "--batch",
+        str(args.batch),
+        "--steps",
+        str(args.steps),
+        "--reps",
+        str(args.reps),
+        "--round-to",
+        str(args.round_to),
+        "--out",
+        str(args.out),
+        "--device",
+        args.device,
+    ]
     return argv + (["--threads", str(args.threads)] if args.threads is not None else [])
 
 
@@ -104,8 +129,15 @@ def run(args: argparse.Namespace) -> int:
     if args.quick:
         cfg = BenchConfig.quick_config(args.device, not args.no_profile)
     else:
-        cfg = BenchConfig(model=args.model, batch=args.batch, steps=args.steps, reps=args.reps,
-                          round_to=args.round_to, device=args.device, profile=not args.no_profile)  # fmt: skip
+        cfg = BenchConfig(
+            model=args.model,
+            batch=args.batch,
+            steps=args.steps,
+            reps=args.reps,
+            round_to=args.round_to,
+            device=args.device,
+            profile=not args.no_profile,
+        )
     report = run_bench(cfg, command=command_line(args), threads=args.threads)
     md, js = write_report(report, Path(args.out), args.name)
     print(format_checks(report.checks))

@@ -35,35 +35,74 @@ examples:
 def add_parser(subparsers: argparse._SubParsersAction) -> None:
     """Register ``prunebench compare`` and its options."""
     p = subparsers.add_parser(
-        "compare", help="side-by-side table, seed statistics and plots of runs read back from MLflow",
-        description=DESCRIPTION, epilog=EPILOG, formatter_class=argparse.RawDescriptionHelpFormatter,
+        "compare",
+        help="side-by-side table, seed statistics and plots of runs read back from MLflow",
+        description=DESCRIPTION,
+        epilog=EPILOG,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     sel = p.add_argument_group("selection")
-    sel.add_argument("--tracking-uri", metavar="URI",
-                     help="MLflow tracking URI (default: $MLFLOW_TRACKING_URI, else sqlite:///mlflow.db in the "
-                          "working directory)")
-    sel.add_argument("--experiment", "-e", metavar="NAME",
-                     help="experiment (the recipe's name); default: the only experiment besides Default")
+    sel.add_argument(
+        "--tracking-uri",
+        metavar="URI",
+        help="MLflow tracking URI (default: $MLFLOW_TRACKING_URI, else sqlite:///mlflow.db in the working directory)",
+    )
+    sel.add_argument(
+        "--experiment",
+        "-e",
+        metavar="NAME",
+        help="experiment (the recipe's name); default: the only experiment besides Default",
+    )
     which = sel.add_mutually_exclusive_group()
-    which.add_argument("--run-id", action="append", default=[], metavar="ID",
-                       help="parent run of one `prunebench run` invocation (repeatable); default: the latest")
-    which.add_argument("--all-runs", action="store_true",
-                       help="every invocation of the experiment (a repeated cell counts once, its latest run)")
-    sel.add_argument("--filter", metavar="EXPR", dest="filter_string",
-                     help="MLflow filter string on the cell runs, e.g. \"params.method = 'oicsr'\" (dense "
-                          "controls follow the seeds of the selected cells)")
+    which.add_argument(
+        "--run-id",
+        action="append",
+        default=[],
+        metavar="ID",
+        help="parent run of one `prunebench run` invocation (repeatable); default: the latest",
+    )
+    which.add_argument(
+        "--all-runs",
+        action="store_true",
+        help="every invocation of the experiment (a repeated cell counts once, its latest run)",
+    )
+    sel.add_argument(
+        "--filter",
+        metavar="EXPR",
+        dest="filter_string",
+        help="MLflow filter string on the cell runs, e.g. \"params.method = 'oicsr'\" (dense "
+        "controls follow the seeds of the selected cells)",
+    )
     out = p.add_argument_group("output")
-    out.add_argument("--format", "-f", choices=FORMATS, default="text",
-                     help="what to print on stdout (default: an aligned text table)")
-    out.add_argument("--out", type=Path, metavar="DIR",
-                     help="also write table.md, table.csv, table.html, table.json and PNG plots into DIR")
-    out.add_argument("--layers-target", type=float, metavar="T",
-                     help="target of the per-layer channels and sorted-norms plots (default: the smallest target)")
+    out.add_argument(
+        "--format",
+        "-f",
+        choices=FORMATS,
+        default="text",
+        help="what to print on stdout (default: an aligned text table)",
+    )
+    out.add_argument(
+        "--out",
+        type=Path,
+        metavar="DIR",
+        help="also write table.md, table.csv, table.html, table.json and PNG plots into DIR",
+    )
+    out.add_argument(
+        "--layers-target",
+        type=float,
+        metavar="T",
+        help="target of the per-layer channels and sorted-norms plots (default: the smallest target)",
+    )
     out.add_argument("--no-plots", action="store_true", help="with --out, write the tables only")
-    out.add_argument("--alpha", type=float, default=0.05,
-                     help="significance level of the t-test verdicts (default: 0.05)")
-    out.add_argument("-q", "--quiet", action="store_true",
-                     help="print the table only: no message about the files written (warnings still shown)")
+    out.add_argument(
+        "--alpha", type=float, default=0.05, help="significance level of the t-test verdicts (default: 0.05)"
+    )
+    out.add_argument(
+        "-q",
+        "--quiet",
+        action="store_true",
+        help="print the table only: no message about the files written (warnings still shown)",
+    )
     p.set_defaults(func=run)
 
 
@@ -72,9 +111,16 @@ def run(args: argparse.Namespace) -> int:
     from prunebench.commands.compare import CompareConfig, compare
 
     config = CompareConfig(
-        tracking_uri=args.tracking_uri, experiment=args.experiment, run_ids=args.run_id, all_runs=args.all_runs,
-        filter_string=args.filter_string, format=args.format, out=args.out, layers_target=args.layers_target,
-        plots=not args.no_plots, alpha=args.alpha,
+        tracking_uri=args.tracking_uri,
+        experiment=args.experiment,
+        run_ids=args.run_id,
+        all_runs=args.all_runs,
+        filter_string=args.filter_string,
+        format=args.format,
+        out=args.out,
+        layers_target=args.layers_target,
+        plots=not args.no_plots,
+        alpha=args.alpha,
     )
     report = compare(config)
     print(report.text, end="" if report.text.endswith("\n") else "\n")

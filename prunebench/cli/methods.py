@@ -7,9 +7,12 @@ import argparse
 
 
 def add_parser(sub: argparse._SubParsersAction) -> None:
-    sub.add_parser("methods", help="list registered pruning methods",
-                   description="List the registered pruning methods (built-ins, entry-point plugins) with their "
-                   "parameters and a one-line description.")
+    sub.add_parser(
+        "methods",
+        help="list registered pruning methods",
+        description="List the registered pruning methods (built-ins, entry-point plugins) with their "
+        "parameters and a one-line description.",
+    )
 
 
 def run(args: argparse.Namespace) -> int:

@@ -9,9 +9,12 @@ from prunebench.errors import UserError
 
 
 def add_parser(sub: argparse._SubParsersAction) -> None:
-    p = sub.add_parser("models", help="list models usable in a recipe (timm names, CIFAR models first)",
-                       description="List model names for a recipe's model.name: the CIFAR models prunebench "
-                       "registers into timm, then every timm model. PATTERN is a shell-style wildcard.")
+    p = sub.add_parser(
+        "models",
+        help="list models usable in a recipe (timm names, CIFAR models first)",
+        description="List model names for a recipe's model.name: the CIFAR models prunebench "
+        "registers into timm, then every timm model. PATTERN is a shell-style wildcard.",
+    )
     p.add_argument("pattern", nargs="?", default=None, help="e.g. '*cifar*' or 'resnet*'")
 
 

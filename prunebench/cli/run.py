@@ -22,13 +22,24 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
         "sqlite:///mlflow.db in the working directory.",
     )
     p.add_argument("recipe", help="path to a YAML recipe (see recipes/)")
-    p.add_argument("-o", "--override", action="append", default=[], metavar="KEY=VALUE",
-                   help="override a recipe key; repeatable; the value is parsed as YAML")
-    p.add_argument("-q", "--quiet", action="store_true", help="no progress bars and no progress messages (for logs and CI)")
+    p.add_argument(
+        "-o",
+        "--override",
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
+        help="override a recipe key; repeatable; the value is parsed as YAML",
+    )
+    p.add_argument(
+        "-q", "--quiet", action="store_true", help="no progress bars and no progress messages (for logs and CI)"
+    )
     p.add_argument("--dry-run", action="store_true", help="validate the recipe, print the resolved version and stop")
-    p.add_argument("--resume", action="store_true",
-                   help="continue the latest run of this same recipe: skip its finished cells, continue the others "
-                   "from their last checkpoints in their own MLflow runs (nothing to resume: a normal run)")
+    p.add_argument(
+        "--resume",
+        action="store_true",
+        help="continue the latest run of this same recipe: skip its finished cells, continue the others "
+        "from their last checkpoints in their own MLflow runs (nothing to resume: a normal run)",
+    )
 
 
 def resume_command(args: argparse.Namespace) -> str:
@@ -51,15 +62,23 @@ def run(args: argparse.Namespace) -> int:
         with handle_signals():
             summary = run_recipe(recipe, quiet=args.quiet, resume=args.resume)
     except Interrupted as exc:
-        log.warning("\nprunebench: stopped by %s; unfinished cells are marked KILLED in MLflow and keep their last "
-                    "checkpoint. Resume with:\n  %s", exc.signal_name, resume_command(args))
+        log.warning(
+            "\nprunebench: stopped by %s; unfinished cells are marked KILLED in MLflow and keep their last "
+            "checkpoint. Resume with:\n  %s",
+            exc.signal_name,
+            resume_command(args),
+        )
         return exc.exit_code
     print(format_summary(summary), flush=True)
     if summary.failed:
         cells = [c for c in summary.failed if not c.control]
         controls = len(summary.failed) - len(cells)
-        log.error("\n%s of %s cells failed%s (details: the run's prunebench.error tag and traceback.txt):", len(cells),
-                  len(summary.grid), f" and {controls} dense control run(s)" if controls else "")
+        log.error(
+            "\n%s of %s cells failed%s (details: the run's prunebench.error tag and traceback.txt):",
+            len(cells),
+            len(summary.grid),
+            f" and {controls} dense control run(s)" if controls else "",
+        )
         for c in summary.failed:
             log.error("  %s: %s", c.describe(), c.error)
         log.error("Retry them (finished cells are skipped) with:\n  %s", resume_command(args))

@@ -36,22 +36,54 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
         "--trials is the total each study should reach: rerun with a larger number to add trials.",
     )
     p.add_argument("recipe", help="path to a YAML recipe (see recipes/)")
-    p.add_argument("--trials", type=int, default=None, metavar="N",
-                   help="total trials per study, topped up on resume (default: tune.trials, 20)")
-    p.add_argument("--timeout", type=float, default=None, metavar="S",
-                   help="per method: start no new trial after S seconds (default: tune.timeout, none)")
-    p.add_argument("--storage", default=None, metavar="URL",
-                   help="Optuna storage, e.g. sqlite:///optuna.db or postgresql://user:pw@host/db "
-                   "(default: tune.storage, else optuna.db beside the MLflow SQLite store)")
-    p.add_argument("--study", default=None, metavar="NAME",
-                   help="study name (one method) or prefix (several; default <recipe name>-<method>)")
+    p.add_argument(
+        "--trials",
+        type=int,
+        default=None,
+        metavar="N",
+        help="total trials per study, topped up on resume (default: tune.trials, 20)",
+    )
+    p.add_argument(
+        "--timeout",
+        type=float,
+        default=None,
+        metavar="S",
+        help="per method: start no new trial after S seconds (default: tune.timeout, none)",
+    )
+    p.add_argument(
+        "--storage",
+        default=None,
+        metavar="URL",
+        help="Optuna storage, e.g. sqlite:///optuna.db or postgresql://user:pw@host/db "
+        "(default: tune.storage, else optuna.db beside the MLflow SQLite store)",
+    )
+    p.add_argument(
+        "--study",
+        default=None,
+        metavar="NAME",
+        help="study name (one method) or prefix (several; default <recipe name>-<method>)",
+    )
     p.add_argument("--methods", default=None, metavar="A,B", help="tune only these methods of the recipe")
-    p.add_argument("-o", "--override", action="append", default=[], metavar="KEY=VALUE",
-                   help="override a recipe key as in `prunebench run` (e.g. -o tune.finetune_epochs=2)")
-    p.add_argument("--out", default=None, metavar="PATH",
-                   help="where to write the tuned recipe (default: <recipe stem>.tuned.yaml here)")
-    p.add_argument("-q", "--quiet", action="store_true",
-                   help="no progress bars and no progress messages: warnings, errors and the result only")
+    p.add_argument(
+        "-o",
+        "--override",
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
+        help="override a recipe key as in `prunebench run` (e.g. -o tune.finetune_epochs=2)",
+    )
+    p.add_argument(
+        "--out",
+        default=None,
+        metavar="PATH",
+        help="where to write the tuned recipe (default: <recipe stem>.tuned.yaml here)",
+    )
+    p.add_argument(
+        "-q",
+        "--quiet",
+        action="store_true",
+        help="no progress bars and no progress messages: warnings, errors and the result only",
+    )
 
 
 def tune_config(recipe: Recipe, args: argparse.Namespace) -> TuneConfig:
@@ -75,8 +107,16 @@ def run(args: argparse.Namespace) -> int:
     cfg = tune_config(recipe, args)
     methods = [m.strip() for m in args.methods.split(",") if m.strip()] if args.methods else None
     try:
-        outcome = tune_recipe(recipe, cfg, source=source, overrides=args.override, methods=methods,
-                              study=args.study, out=Path(args.out) if args.out else None, quiet=args.quiet)
+        outcome = tune_recipe(
+            recipe,
+            cfg,
+            source=source,
+            overrides=args.override,
+            methods=methods,
+            study=args.study,
+            out=Path(args.out) if args.out else None,
+            quiet=args.quiet,
+        )
     except Interrupted as exc:  # the command said what was kept and how to resume
         return exc.exit_code
     print("\n" + format_summary(outcome.results))

@@ -9,6 +9,7 @@ calls into this module. Every call is retried while SQLite is busy (:func:`prune
 
 from __future__ import annotations
 
+import contextlib
 import csv
 import io
 import platform
@@ -25,26 +26,41 @@ import mlflow
 from mlflow.entities import Run
 
 from prunebench.errors import DivergedError, UserError
-from prunebench.tracking.schema import (CELL_KEY_TAG, CELL_KIND, ERROR_TAG, FAILURE_TAG, GIT_DIRTY_TAG, KIND_TAG,
-                                        PARENT_KIND, RECIPE_ARTIFACT, RECIPE_KEY_TAG, RECIPE_TAG, TRACEBACK_ARTIFACT)
+from prunebench.tracking.schema import (
+    CELL_KEY_TAG,
+    CELL_KIND,
+    ERROR_TAG,
+    FAILURE_TAG,
+    GIT_DIRTY_TAG,
+    KIND_TAG,
+    PARENT_KIND,
+    RECIPE_ARTIFACT,
+    RECIPE_KEY_TAG,
+    RECIPE_TAG,
+    TRACEBACK_ARTIFACT,
+)
 from prunebench.tracking.store import is_busy, retry
 
 _PACKAGES = ("prunebench", "torch", "torchvision", "timm", "torch-pruning", "fvcore", "mlflow", "optuna", "pydantic")
+
 
 def environment_tags() -> dict[str, str]:
     """Git commit of the prunebench checkout (when there is one) and package versions."""
     tags: dict[str, str] = {"python": sys.version.split()[0], "platform": platform.platform()}
     for pkg in _PACKAGES:
-        try:
+        with contextlib.suppress(PackageNotFoundError):
             tags[f"version.{pkg}"] = version(pkg)
-        except PackageNotFoundError:
-            pass
     repo = Path(__file__).resolve().parents[2]
     try:
-        commit = subprocess.run(["git", "-C", str(repo), "rev-parse", "HEAD"], capture_output=True, text=True,
-                                timeout=5, check=True).stdout.strip()
-        dirty = subprocess.run(["git", "-C", str(repo), "status", "--porcelain", "--untracked-files=no"],
-                               capture_output=True, text=True, timeout=5).stdout.strip()
+        commit = subprocess.run(
+            ["git", "-C", str(repo), "rev-parse", "HEAD"], capture_output=True, text=True, timeout=5, check=True
+        ).stdout.strip()
+        dirty = subprocess.run(
+            ["git", "-C", str(repo), "status", "--porcelain", "--untracked-files=no"],
+            capture_output=True,
+            text=True,
+            timeout=5,
+        ).stdout.strip()
         tags["mlflow.source.git.commit"] = commit
         tags[GIT_DIRTY_TAG] = str(bool(dirty)).lower()
     except (OSError, subprocess.SubprocessError):
@@ -53,8 +69,13 @@ def environment_tags() -> dict[str, str]:
 
 
 @contextmanager
-def tracked_run(run_name: str, *, run_id: str | None = None, nested: bool = False,
-                stopped: Callable[[BaseException], bool] | None = None) -> Iterator[Run]:
+def tracked_run(
+    run_name: str,
+    *,
+    run_id: str | None = None,
+    nested: bool = False,
+    stopped: Callable[[BaseException], bool] | None = None,
+) -> Iterator[Run]:
     """Start (or reopen, with ``run_id``) a run; end it FINISHED when the block returns.
 
     An exception ends it KILLED when it is a KeyboardInterrupt (SIGINT/SIGTERM) or ``stopped(exc)`` says
@@ -99,8 +120,9 @@ def record_failure(exc: BaseException) -> None:
 
 
 @contextmanager
-def parent_run(recipe_name: str, run_name: str, recipe_yaml: str, *, recipe_key: str = "",
-               run_id: str | None = None) -> Iterator[Any]:
+def parent_run(
+    recipe_name: str, run_name: str, recipe_yaml: str, *, recipe_key: str = "", run_id: str | None = None
+) -> Iterator[Any]:
     """The run that groups one invocation's cells; ``run_id`` reopens an earlier one (``--resume``)."""
     with tracked_run(run_name, run_id=run_id) as run:
         if run_id is None:
@@ -110,8 +132,15 @@ def parent_run(recipe_name: str, run_name: str, recipe_yaml: str, *, recipe_key:
 
 
 @contextmanager
-def cell_run(run_name: str, params: Mapping[str, Any], recipe_name: str, *, cell_key: str = "",
-             run_id: str | None = None, kind: str = CELL_KIND) -> Iterator[Any]:
+def cell_run(
+    run_name: str,
+    params: Mapping[str, Any],
+    recipe_name: str,
+    *,
+    cell_key: str = "",
+    run_id: str | None = None,
+    kind: str = CELL_KIND,
+) -> Iterator[Any]:
     """A nested child run for one (method, seed, target) cell -- or, with ``kind="control"``, for a seed's
     dense control -- ``run_id`` reopens an unfinished one.
 
@@ -134,9 +163,13 @@ def find_parent(experiment: str, recipe_key: str) -> Any | None:
     exp = retry(mlflow.get_experiment_by_name, experiment)
     if exp is None:
         return None
-    runs = retry(mlflow.MlflowClient().search_runs, [exp.experiment_id],
-                 filter_string=f"tags.`{KIND_TAG}` = '{PARENT_KIND}' and tags.`{RECIPE_KEY_TAG}` = '{recipe_key}'",
-                 order_by=["attributes.start_time DESC"], max_results=1)
+    runs = retry(
+        mlflow.MlflowClient().search_runs,
+        [exp.experiment_id],
+        filter_string=f"tags.`{KIND_TAG}` = '{PARENT_KIND}' and tags.`{RECIPE_KEY_TAG}` = '{recipe_key}'",
+        order_by=["attributes.start_time DESC"],
+        max_results=1,
+    )
     return runs[0] if runs else None
 
 
@@ -146,9 +179,14 @@ def cell_runs(parent: Any) -> dict[str, Any]:
     found: list[Any] = []
     token = None
     while True:
-        page = retry(client.search_runs, [parent.info.experiment_id],
-                     filter_string=f"tags.`mlflow.parentRunId` = '{parent.info.run_id}'",
-                     order_by=["attributes.start_time ASC"], max_results=1000, page_token=token)
+        page = retry(
+            client.search_runs,
+            [parent.info.experiment_id],
+            filter_string=f"tags.`mlflow.parentRunId` = '{parent.info.run_id}'",
+            order_by=["attributes.start_time ASC"],
+            max_results=1000,
+            page_token=token,
+        )
         found.extend(page)
         token = page.token
         if not token:

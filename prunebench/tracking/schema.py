@@ -33,8 +33,19 @@ METHOD_PARAM_PREFIX = "method."  # method.<name> for each of the method's parame
 
 # -- metrics ----------------------------------------------------------------------------------------------
 FINAL_METRICS = (
-    "test_top1", "val_top1", "dense_test_top1", "macs", "macs_conv_fc", "macs_dense", "macs_reduction",
-    "params", "params_reduction", "params_dense", "latency_ms", "latency_ms_batch", "speedup",
+    "test_top1",
+    "val_top1",
+    "dense_test_top1",
+    "macs",
+    "macs_conv_fc",
+    "macs_dense",
+    "macs_reduction",
+    "params",
+    "params_reduction",
+    "params_dense",
+    "latency_ms",
+    "latency_ms_batch",
+    "speedup",
 )
 """Logged once at the end of every cell (and control), at the cell's last step."""
 DENSE_METRICS = ("macs_conv_fc_dense", "dense_latency_ms", "dense_latency_ms_batch")
@@ -64,8 +75,22 @@ def epoch_metrics(stats: object) -> dict[str, float]:
 
 
 # -- ``prunebench tune``: params of a study run and of a trial run, and the study run's artifacts ---------
-STUDY_PARAMS = ("study", "storage", "method", "method_label", "objective", "target", "seed", "trials", "sampler",
-                "pruner", "sparsity_epochs", "finetune_epochs", "model", "dataset")
+STUDY_PARAMS = (
+    "study",
+    "storage",
+    "method",
+    "method_label",
+    "objective",
+    "target",
+    "seed",
+    "trials",
+    "sampler",
+    "pruner",
+    "sparsity_epochs",
+    "finetune_epochs",
+    "model",
+    "dataset",
+)
 """Logged once on every study run (with ``method.<name>`` for the fixed parameters, ``space.<name>`` for the
 searched ones)."""
 TRIAL_PARAMS = ("method", "method_label", "seed", "target", "model", "dataset", "study", "trial")

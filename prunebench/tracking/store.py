@@ -70,8 +70,13 @@ def is_race(exc: BaseException) -> bool:
 _jitter = random.Random()  # not the global generator: retries must not shift a run's random draws
 
 
-def retry(fn: Callable[..., Any], *args: Any, attempts: int = 10,
-          transient: Callable[[BaseException], bool] = is_busy, **kwargs: Any) -> Any:
+def retry(
+    fn: Callable[..., Any],
+    *args: Any,
+    attempts: int = 10,
+    transient: Callable[[BaseException], bool] = is_busy,
+    **kwargs: Any,
+) -> Any:
     """``fn(*args, **kwargs)``, retried with exponential backoff (about 10 s in all) while SQLite is locked."""
     delay = 0.05
     for attempt in range(attempts):
@@ -93,8 +98,9 @@ def probe(uri: str) -> None:
         return
     except (OSError, ValueError) as exc:
         reason = getattr(exc, "reason", exc)
-        raise UserError(f"tracking URI {uri!r} cannot be reached ({reason}); start the MLflow server or fix "
-                        f"the URI ({WHERE_URI})") from None
+        raise UserError(
+            f"tracking URI {uri!r} cannot be reached ({reason}); start the MLflow server or fix the URI ({WHERE_URI})"
+        ) from None
 
 
 @contextmanager
@@ -120,8 +126,10 @@ def check_uri(uri: str | None) -> str:
         db = Path(uri.removeprefix("sqlite:///"))
         parent = db.parent if str(db.parent) else Path(".")
         if not parent.is_dir() or not os.access(parent, os.W_OK):
-            raise UserError(f"tracking URI {uri!r}: folder {str(parent)!r} does not exist or is not writable; "
-                            "set tracking.uri or MLFLOW_TRACKING_URI to a writable location")
+            raise UserError(
+                f"tracking URI {uri!r}: folder {str(parent)!r} does not exist or is not writable; "
+                "set tracking.uri or MLFLOW_TRACKING_URI to a writable location"
+            )
     return uri
 
 
@@ -136,11 +144,10 @@ def connect(uri: str | None, experiment: str) -> str:
         with fail_fast(), sqlite_lock(uri):
             retry(mlflow.set_experiment, experiment, transient=is_race)
     except Exception as exc:  # unreachable server, bad scheme, deleted experiment, locked file...
-        raise UserError(f"tracking URI {uri!r} cannot be used ({one_line(exc)}); start the server or fix the URI "
-                        f"({WHERE_URI})") from None
+        raise UserError(
+            f"tracking URI {uri!r} cannot be used ({one_line(exc)}); start the server or fix the URI ({WHERE_URI})"
+        ) from None
     return uri
-
-
 
 
 def client(uri: str | None) -> MlflowClient:

@@ -42,6 +42,26 @@ from prunebench.commands.bench.timing import (
     torch_threads,
 )
 
-__all__ = ["TARGETS", "BenchConfig", "BenchReport", "Check", "Measurements", "Target", "build_report", "check_config",
-           "check_targets", "format_checks", "interleaved", "is_noisy", "machine_info", "median", "paired_ratio",
-           "render_markdown", "report_name", "run_bench", "spread", "torch_threads", "write_report"]
+__all__ = [
+    "TARGETS",
+    "BenchConfig",
+    "BenchReport",
+    "Check",
+    "Measurements",
+    "Target",
+    "build_report",
+    "check_config",
+    "check_targets",
+    "format_checks",
+    "interleaved",
+    "is_noisy",
+    "machine_info",
+    "median",
+    "paired_ratio",
+    "render_markdown",
+    "report_name",
+    "run_bench",
+    "spread",
+    "torch_threads",
+    "write_report",
+]

@@ -27,5 +27,15 @@ class BenchConfig:
 
     @classmethod
     def quick_config(cls, device: str, profile: bool) -> BenchConfig:
-        return cls(model="resnet8_cifar", batch=16, steps=2, reps=2, warmup=1, latency_reps=2, calib_images=32,
-                   device=device, quick=True, profile=profile)  # fmt: skip
+        return cls(
+            model="resnet8_cifar",
+            batch=16,
+            steps=2,
+            reps=2,
+            warmup=1,
+            latency_reps=2,
+            calib_images=32,
+            device=device,
+            quick=True,
+            profile=profile,
+        )

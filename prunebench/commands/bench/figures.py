@@ -66,8 +66,13 @@ def loop_efficiency(w: Workload) -> LoopFigure:
     the rounds)."""
     fns = {"hand": w.hand_loop(w.new_model()), "prunebench": w.pb_loop(w.new_model())}
     t = w.time(fns, 2 * w.cfg.reps)
-    return LoopFigure(ratio=paired_ratio(t["hand"], t["prunebench"]), hand_s=t["hand"], prunebench_s=t["prunebench"],
-                      images=w.cfg.batch * w.cfg.steps, steps=w.cfg.steps)  # fmt: skip
+    return LoopFigure(
+        ratio=paired_ratio(t["hand"], t["prunebench"]),
+        hand_s=t["hand"],
+        prunebench_s=t["prunebench"],
+        images=w.cfg.batch * w.cfg.steps,
+        steps=w.cfg.steps,
+    )
 
 
 # -- 2. regularization overhead --------------------------------------------------------------------
@@ -126,8 +131,12 @@ def reg_overhead(w: Workload) -> RegFigure:
         overhead=overhead,
         step={k: paired_ratio(t[k], t["plain"]) if k in t else floor for k in overhead},
         variants={k: 1 + hook_ms[k] / step_ms for k in methods if "(" in k},
-        plain_step_ms=step_ms, noise_floor=floor, groups=len(groups), measured=hooked, hook_ms=hook_ms,
-    )  # fmt: skip
+        plain_step_ms=step_ms,
+        noise_floor=floor,
+        groups=len(groups),
+        measured=hooked,
+        hook_ms=hook_ms,
+    )
 
 
 def hook_seconds(w: Workload, method: PruningMethod, model: nn.Module) -> float:
@@ -179,8 +188,15 @@ class PrunedModel:
     uniform: bool  # a calibration-based method (ThiNet): its selection is the plan step
 
     def details(self) -> dict[str, Any]:
-        return {"seconds": self.seconds, "timings": self.timings, "macs": self.macs, "macs_ratio": self.macs_ratio,
-                "macs_reduction": self.macs_reduction, "uniform": self.uniform, "widths": conv_widths(self.model)}  # fmt: skip
+        return {
+            "seconds": self.seconds,
+            "timings": self.timings,
+            "macs": self.macs,
+            "macs_ratio": self.macs_ratio,
+            "macs_reduction": self.macs_reduction,
+            "uniform": self.uniform,
+            "widths": conv_widths(self.model),
+        }
 
 
 @dataclass(frozen=True)
@@ -207,9 +223,15 @@ def prune_all(w: Workload) -> Pruning:
             calib = w.calibration(dense) if cls.calibrated else None
             torch.manual_seed(0)
             model, res = w.prune(dense, build_method({"name": name}), calib, rt)
-            out.models[label] = PrunedModel(model=model, seconds=res.seconds, timings=res.timings,
-                                            macs=res.macs_after, macs_ratio=dense_macs / res.macs_after,
-                                            macs_reduction=res.macs_reduction, uniform=cls.calibrated)  # fmt: skip
+            out.models[label] = PrunedModel(
+                model=model,
+                seconds=res.seconds,
+                timings=res.timings,
+                macs=res.macs_after,
+                macs_ratio=dense_macs / res.macs_after,
+                macs_reduction=res.macs_reduction,
+                uniform=cls.calibrated,
+            )
     return out
 
 
@@ -261,9 +283,14 @@ def speedup(w: Workload, pruning: Pruning) -> SpeedFigure:
         if bs == w.cfg.batch:
             noise = spread(t["dense"])
         speed[bs] = {k: paired_ratio(t["dense"], t[k]) for k in pruning.models}
-    return SpeedFigure(batch=w.cfg.batch, speedup=speed[w.cfg.batch], speedup_b1=speed[1],
-                       macs_ratio={k: p.macs_ratio for k, p in pruning.models.items()}, latency_ms=lat,
-                       spread=noise)  # fmt: skip
+    return SpeedFigure(
+        batch=w.cfg.batch,
+        speedup=speed[w.cfg.batch],
+        speedup_b1=speed[1],
+        macs_ratio={k: p.macs_ratio for k, p in pruning.models.items()},
+        latency_ms=lat,
+        spread=noise,
+    )
 
 
 # -- 5. engine cost --------------------------------------------------------------------------------
@@ -286,8 +313,12 @@ def engine_costs(w: Workload, pruning: Pruning) -> EngineFigure:
     scored = [p.seconds for p in plain.values() if not p.uniform]
     thinet = [p.timings.get("plan", float("nan")) for p in plain.values() if p.uniform]
     counts = w.time({"count": lambda: count_macs(pruning.dense, w.example)}, w.cfg.reps)["count"]
-    return EngineFigure(engine_s=median(scored), thinet_s=max(thinet) if thinet else float("nan"),
-                        macs_count_s=median(counts), engine_s_each=scored)  # fmt: skip
+    return EngineFigure(
+        engine_s=median(scored),
+        thinet_s=max(thinet) if thinet else float("nan"),
+        macs_count_s=median(counts),
+        engine_s_each=scored,
+    )
 
 
 # -- all of them -----------------------------------------------------------------------------------
@@ -317,8 +348,11 @@ class Measurements:
 
     def noise(self) -> dict[str, float]:
         """The spreads of repeated identical work and the no-hooks noise floor minus 1 (see ``is_noisy``)."""
-        return {"loop_spread": spread(self.loop.hand_s), "reg_floor_minus_1": self.reg.noise_floor - 1,
-                "latency_spread": self.speed.spread}  # fmt: skip
+        return {
+            "loop_spread": spread(self.loop.hand_s),
+            "reg_floor_minus_1": self.reg.noise_floor - 1,
+            "latency_spread": self.speed.spread,
+        }
 
     def details(self) -> dict[str, Any]:
         return {

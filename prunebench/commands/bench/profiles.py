@@ -45,8 +45,12 @@ def profile_miss(w: Workload, check: Check, pruning: Pruning) -> str:
     """A profile explaining one missed check (its ``key``: the method, where the figure has one)."""
     kind, key = check["figure"], check["key"]
     if kind == "loop_efficiency":
-        return ("prunebench train():\n" + op_table(w.pb_loop(w.new_model()))
-                + "\nhand-written loop:\n" + op_table(w.hand_loop(w.new_model())))  # fmt: skip
+        return (
+            "prunebench train():\n"
+            + op_table(w.pb_loop(w.new_model()))
+            + "\nhand-written loop:\n"
+            + op_table(w.hand_loop(w.new_model()))
+        )
     if kind == "reg_overhead":
         return _profile_hooks(w, key or "oicsr")
     if kind == "data_headroom":
@@ -123,8 +127,11 @@ def op_profile(fn: Callable[[], object], shapes: bool = False, rows: int = 14) -
     events = prof.key_averages(group_by_input_shape=shapes)
     sort = "self_cuda_time_total" if cuda else "self_cpu_time_total"
     self_us = [(e.key, getattr(e, "self_device_time_total" if cuda else "self_cpu_time_total", 0.0)) for e in events]
-    conv_ms = sum(us for k, us in self_us if k in _CONV_OPS or "conv" in k.lower()) / 1e3 if cuda else \
-        sum(us for k, us in self_us if k in _CONV_OPS) / 1e3
+    conv_ms = (
+        sum(us for k, us in self_us if k in _CONV_OPS or "conv" in k.lower()) / 1e3
+        if cuda
+        else sum(us for k, us in self_us if k in _CONV_OPS) / 1e3
+    )
     total_ms = sum(us for _, us in self_us) / 1e3
     table = str(events.table(sort_by=sort, row_limit=rows, max_name_column_width=40, max_shapes_column_width=60))
     return table, conv_ms, total_ms
@@ -171,12 +178,18 @@ def onednn_summary(fn: Callable[[], object], rows: int = 8) -> str:
         if sel:
             gmacs, ms = sum(m for m, _ in sel) / 1e9, sum(t for _, t in sel)
             what = "in and out channels multiples of 8" if want else "a channel count not a multiple of 8"
-            out.append(f"convolutions with {what}: {len(sel)} calls, {gmacs:.2f} GMACs in {ms:.1f} ms = "
-                       f"{gmacs / max(ms, 1e-9) * 1e3:.1f} GMAC/s")  # fmt: skip
-    slowest = [(ms, macs / 1e9 / max(ms, 1e-9) * 1e3, f[6], f[-2].split("_ih")[0])
-               for f, macs, _, ms in sorted(convs, key=lambda c: -c[3])[:rows]]  # fmt: skip
-    out += ["slowest convolutions:", tabulate(slowest, headers=["ms", "GMAC/s", "implementation", "problem"],
-                                              floatfmt=(".2f", ".1f"))]  # fmt: skip
+            out.append(
+                f"convolutions with {what}: {len(sel)} calls, {gmacs:.2f} GMACs in {ms:.1f} ms = "
+                f"{gmacs / max(ms, 1e-9) * 1e3:.1f} GMAC/s"
+            )
+    slowest = [
+        (ms, macs / 1e9 / max(ms, 1e-9) * 1e3, f[6], f[-2].split("_ih")[0])
+        for f, macs, _, ms in sorted(convs, key=lambda c: -c[3])[:rows]
+    ]
+    out += [
+        "slowest convolutions:",
+        tabulate(slowest, headers=["ms", "GMAC/s", "implementation", "problem"], floatfmt=(".2f", ".1f")),
+    ]
     return "\n".join(out)
 
 
@@ -200,7 +213,9 @@ def onednn_log(fn: Callable[[], object]) -> list[list[str]]:
         return [ln.split(",") for ln in log.read().splitlines() if ln.startswith("onednn_verbose") and ",exec," in ln]
 
 
-_CONV_DESC = re.compile(r"mb(\d+)(?:_g(\d+))?_ic(\d+)oc(\d+)(?:_id\d+od\d+)?_ih(\d+)oh(\d+)kh(\d+).*?_iw(\d+)ow(\d+)kw(\d+)")
+_CONV_DESC = re.compile(
+    r"mb(\d+)(?:_g(\d+))?_ic(\d+)oc(\d+)(?:_id\d+od\d+)?_ih(\d+)oh(\d+)kh(\d+).*?_iw(\d+)ow(\d+)kw(\d+)"
+)
 
 
 def conv_macs(desc: str) -> tuple[int, bool]:

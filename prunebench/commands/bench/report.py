@@ -39,8 +39,15 @@ class BenchReport:
         return bool(self.document["all_pass"])
 
 
-def build_report(m: Measurements, cfg: BenchConfig, machine: dict[str, Any], checks: list[Check],
-                 profiles: dict[str, str], command: Sequence[str], seconds: float) -> dict[str, Any]:  # fmt: skip
+def build_report(
+    m: Measurements,
+    cfg: BenchConfig,
+    machine: dict[str, Any],
+    checks: list[Check],
+    profiles: dict[str, str],
+    command: Sequence[str],
+    seconds: float,
+) -> dict[str, Any]:
     """The JSON report: the figures at the top level, then targets, machine, config and details."""
     machine = dict(machine)
     load = load_average()
@@ -72,8 +79,12 @@ def write_report(report: BenchReport, out: Path, name: str | None = None) -> tup
 def format_checks(checks: list[Check]) -> str:
     """The targets as a plain-text table (what the command prints)."""
     rows = [(c["name"], _fmt(c["value"]), c["target"], "ok" if c["pass"] else "MISSED") for c in checks]
-    return tabulate(rows, headers=["figure", "value", "target", "met"], disable_numparse=True,
-                    colalign=("left", "right", "left", "left"))  # fmt: skip
+    return tabulate(
+        rows,
+        headers=["figure", "value", "target", "met"],
+        disable_numparse=True,
+        colalign=("left", "right", "left", "left"),
+    )
 
 
 def _fmt(v: Any, digits: int = 3) -> str:
@@ -87,8 +98,9 @@ _ALIGN = {"l": "left", "r": "right", "c": "center"}
 
 def _table(headers: Sequence[str], rows: Sequence[Sequence[Any]], align: str) -> list[str]:
     """A Markdown table of preformatted cells; ``align`` has one of l/r/c per column."""
-    text = tabulate(rows, headers=list(headers), tablefmt="pipe", disable_numparse=True,
-                    colalign=tuple(_ALIGN[a] for a in align))  # fmt: skip
+    text = tabulate(
+        rows, headers=list(headers), tablefmt="pipe", disable_numparse=True, colalign=tuple(_ALIGN[a] for a in align)
+    )
     return text.splitlines()
 
 
@@ -116,8 +128,17 @@ def render_markdown(rep: dict[str, Any]) -> str:
             f"Measurement noise: {noise} (median absolute deviation / median of repeated identical work, and the "
             f"no-hooks noise floor of item 2 minus 1; {load})."
         )
-    out = [f"# prunebench bench: {cfg['model']} on {m['gpu'] or m['cpu']}", "", intro, "", "## Targets", "",
-           *_table(["figure", "value", "target", "met"], targets, "lrrc"), "", verdict]  # fmt: skip
+    out = [
+        f"# prunebench bench: {cfg['model']} on {m['gpu'] or m['cpu']}",
+        "",
+        intro,
+        "",
+        "## Targets",
+        "",
+        *_table(["figure", "value", "target", "met"], targets, "lrrc"),
+        "",
+        verdict,
+    ]
     out += _loop_and_data(rep) + _speedup(rep) + _engine(rep)
     out += ["", "## Machine", "", *(f"- {k}: {v}" for k, v in m.items())]
     if rep["profiles"]:
@@ -145,21 +166,41 @@ def _loop_and_data(rep: dict[str, Any]) -> list[str]:
         "and their step ratio is a second plain measurement against the first: the noise floor "
         f"(**{reg['noise_floor']:.3f}** here). Step ratios within the noise floor's distance from 1 are noise."
     )
-    rows = [(f"{k}{'' if k in reg['measured'] else ' (no hooks)'}", f"{v:.4f}", f"{rep['reg_overhead_step'][k]:.3f}",
-             f"{reg['hook_ms'][k]:.2f}", f"{reg['hook_fraction'][k]:.4f}") for k, v in rep["reg_overhead"].items()]
-    rows += [(k, f"{v:.4f}", "", f"{reg['hook_ms'][k]:.2f}", f"{reg['hook_fraction'][k]:.4f}")
-             for k, v in rep["reg_overhead_variants"].items()]
+    rows = [
+        (
+            f"{k}{'' if k in reg['measured'] else ' (no hooks)'}",
+            f"{v:.4f}",
+            f"{rep['reg_overhead_step'][k]:.3f}",
+            f"{reg['hook_ms'][k]:.2f}",
+            f"{reg['hook_fraction'][k]:.4f}",
+        )
+        for k, v in rep["reg_overhead"].items()
+    ]
+    rows += [
+        (k, f"{v:.4f}", "", f"{reg['hook_ms'][k]:.2f}", f"{reg['hook_fraction'][k]:.4f}")
+        for k, v in rep["reg_overhead_variants"].items()
+    ]
     data_text = (
         "Augmentation pipeline (random crop + flip + normalize, batched on the device): "
         f"{det['data']['batches_per_s']:.1f} batches/s; the training step consumes "
         f"{det['data']['step_batches_per_s']:.2f} batches/s; headroom **{rep['data_headroom']:.1f}**."
     )
     return [
-        "", "## 1. Loop efficiency", "", loop_text,
-        "", "## 2. Regularization overhead (step with the method's hooks / plain step)", "", reg_text,
-        "", *_table(["method", "overhead", "step ratio", "hook ms", "hooks / step"], rows, "lrrrr"),
-        "", "## 3. Data pipeline headroom", "", data_text,
-    ]  # fmt: skip
+        "",
+        "## 1. Loop efficiency",
+        "",
+        loop_text,
+        "",
+        "## 2. Regularization overhead (step with the method's hooks / plain step)",
+        "",
+        reg_text,
+        "",
+        *_table(["method", "overhead", "step ratio", "hook ms", "hooks / step"], rows, "lrrrr"),
+        "",
+        "## 3. Data pipeline headroom",
+        "",
+        data_text,
+    ]
 
 
 def _speedup(rep: dict[str, Any]) -> list[str]:
@@ -167,13 +208,25 @@ def _speedup(rep: dict[str, Any]) -> list[str]:
     cfg, det = rep["config"], rep["details"]
     b, rt = cfg["batch"], cfg["round_to"]
     lat1, latb = det["latency_ms"]["1"], det["latency_ms"][str(b)]
-    rows = [(k, rep["macs_ratio"][k], rep["speedup_b1"][k], rep["speedup"][k], rep["speedup_efficiency"][k])
-            for k in rep["speedup"]]
-    rows += [(k, rep["macs_ratio_rounded"][k], rep["speedup_b1_rounded"][k], rep["speedup_rounded"][k],
-              rep["speedup_efficiency_rounded"][k]) for k in rep["speedup_rounded"]]
+    rows = [
+        (k, rep["macs_ratio"][k], rep["speedup_b1"][k], rep["speedup"][k], rep["speedup_efficiency"][k])
+        for k in rep["speedup"]
+    ]
+    rows += [
+        (
+            k,
+            rep["macs_ratio_rounded"][k],
+            rep["speedup_b1_rounded"][k],
+            rep["speedup_rounded"][k],
+            rep["speedup_efficiency_rounded"][k],
+        )
+        for k in rep["speedup_rounded"]
+    ]
     table = [("dense", "1.000", "1.000", "1.000", "", f"{lat1['dense']:.2f}", f"{latb['dense']:.1f}")]
-    table += [(k, f"{mr:.3f}", f"{s1:.3f}", f"{sb:.3f}", f"{eff:.3f}", f"{lat1[k]:.2f}", f"{latb[k]:.1f}")
-              for k, mr, s1, sb, eff in sorted(rows)]
+    table += [
+        (k, f"{mr:.3f}", f"{s1:.3f}", f"{sb:.3f}", f"{eff:.3f}", f"{lat1[k]:.2f}", f"{latb[k]:.1f}")
+        for k, mr, s1, sb, eff in sorted(rows)
+    ]
     text = (
         "Pruned with each method's scores on the dense, *untrained* model (speed depends on the channel widths "
         "left, not on accuracy; at initialization every BN gamma is 1, so slimming's ranking is all ties, broken "
@@ -181,8 +234,14 @@ def _speedup(rep: dict[str, Any]) -> list[str]:
         f"`+round{rt}` uses the engine's `round_to={rt}` (recipe key `prune.round_to`)."
     )
     headers = ["method", "MACs ratio", "speedup b1", f"speedup b{b}", "efficiency", "ms b1", f"ms b{b}"]
-    out = ["", f"## 4. Real speedup at {int(100 * cfg['target'])}% fewer MACs", "", text, "",
-           *_table(headers, table, "lrrrrrr")]  # fmt: skip
+    out = [
+        "",
+        f"## 4. Real speedup at {int(100 * cfg['target'])}% fewer MACs",
+        "",
+        text,
+        "",
+        *_table(headers, table, "lrrrrrr"),
+    ]
     eff, eff_r = rep["speedup_efficiency"].values(), rep["speedup_efficiency_rounded"].values()
     if eff and eff_r:
         summary = (
@@ -212,5 +271,13 @@ def _engine(rep: dict[str, Any]) -> list[str]:
         "calibration images (the engine's plan step: one forward pass, greedy selection, least squares)."
     )
     count = f"- macs_count_s **{rep['macs_count_s']:.3f} s**: one fvcore count."
-    return ["", "## 5. Engine cost", "", engine, thinet, count, "",
-            *_table(["method", "total s", *steps], rows, "lr" + "r" * len(steps))]  # fmt: skip
+    return [
+        "",
+        "## 5. Engine cost",
+        "",
+        engine,
+        thinet,
+        count,
+        "",
+        *_table(["method", "total s", *steps], rows, "lr" + "r" * len(steps)),
+    ]

@@ -67,8 +67,9 @@ def _measure(cfg: BenchConfig, command: Sequence[str]) -> BenchReport:
     clock.say(f"bench {cfg.model}, batch {cfg.batch}, on {w.device} ({torch.get_num_threads()} threads)")
     load = machine.get("load_avg_start")
     if load is not None and load > 1.0 and w.device.type == "cpu":
-        clock.say(f"warning: load average {load}: other processes share the CPU, the figures will be noisy",
-                  logging.WARNING)  # fmt: skip
+        clock.say(
+            f"warning: load average {load}: other processes share the CPU, the figures will be noisy", logging.WARNING
+        )
     clock.say("loop efficiency")
     loop = figures.loop_efficiency(w)
     clock.say("data headroom")

@@ -49,7 +49,9 @@ both MACs counts), ``thinet_s`` ThiNet's selection and reconstruction (the engin
 ``macs_count_s`` one fvcore count, each on the bench model (resnet56_cifar unless ``--model`` says otherwise)."""
 
 
-Check = TypedDict("Check", {"name": str, "figure": str, "key": "str | None", "value": float, "target": str, "pass": bool})
+Check = TypedDict(
+    "Check", {"name": str, "figure": str, "key": "str | None", "value": float, "target": str, "pass": bool}
+)
 """One figure (or one method's entry of a per-method figure) against its target."""
 
 
@@ -60,8 +62,9 @@ def check_targets(figures: dict[str, Any], device: torch.device) -> list[Check]:
     def add(figure: str, value: float, key: str | None = None) -> None:
         t = TARGETS[figure.replace("_rounded", "")]
         label = f"{figure}[{key}]" if key else figure
-        rows.append({"name": label, "figure": figure, "key": key, "value": value, "target": t.text,
-                     "pass": t.met(value)})  # fmt: skip
+        rows.append(
+            {"name": label, "figure": figure, "key": key, "value": value, "target": t.text, "pass": t.met(value)}
+        )
 
     add("loop_efficiency", figures["loop_efficiency"])
     for m in TARGET_METHODS:

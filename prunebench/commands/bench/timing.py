@@ -31,7 +31,9 @@ def sync(device: torch.device) -> None:
         torch.cuda.synchronize(device)
 
 
-def interleaved(fns: dict[str, Callable[[], object]], reps: int, warmup: int, device: torch.device) -> dict[str, list[float]]:
+def interleaved(
+    fns: dict[str, Callable[[], object]], reps: int, warmup: int, device: torch.device
+) -> dict[str, list[float]]:
     """Seconds per call of every function, ``reps`` rounds after ``warmup`` untimed rounds.
 
     Each round calls every function once, in an order rotated from round to round, so that a load

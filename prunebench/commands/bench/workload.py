@@ -38,10 +38,19 @@ class Workload:
         train_split = TensorSplit(x[:n], y[:n], torch.arange(n))
         empty = TensorSplit(x[:0], y[:0], torch.arange(0))
         self.data = DataModule(
-            name="synthetic", train=train_split.to(self.device), val=empty.to(self.device),
-            test=empty.to(self.device), num_classes=10, in_chans=3, image_size=32, mean=CIFAR10_MEAN,
-            std=CIFAR10_STD, device=self.device, augment=True, batch_size=cfg.batch,
-        )  # fmt: skip
+            name="synthetic",
+            train=train_split.to(self.device),
+            val=empty.to(self.device),
+            test=empty.to(self.device),
+            num_classes=10,
+            in_chans=3,
+            image_size=32,
+            mean=CIFAR10_MEAN,
+            std=CIFAR10_STD,
+            device=self.device,
+            augment=True,
+            batch_size=cfg.batch,
+        )
         self.calib_images = self.data.normalize(x[n:].to(self.device))
         self.sched = Schedule(epochs=1, lr=0.05, momentum=0.9, weight_decay=5e-4, schedule="cosine")
         self.opts = TrainOptions(device=str(self.device))
@@ -61,8 +70,10 @@ class Workload:
     def plain_batches(self) -> list[tuple[Tensor, Tensor]]:
         """The same images, normalized once, un-augmented: what a minimal loop would iterate over."""
         imgs, labels = self.data.train.images, self.data.train.labels
-        return [(self.data.normalize(imgs[i : i + self.cfg.batch]), labels[i : i + self.cfg.batch])
-                for i in range(0, len(labels), self.cfg.batch)]  # fmt: skip
+        return [
+            (self.data.normalize(imgs[i : i + self.cfg.batch]), labels[i : i + self.cfg.batch])
+            for i in range(0, len(labels), self.cfg.batch)
+        ]
 
     def hand_loop(self, model: nn.Module) -> Callable[[], None]:
         """A minimal PyTorch training loop (same precision and memory format as prunebench's on the device)."""
@@ -124,13 +135,22 @@ class Workload:
         """A copy of ``dense`` with the calibration images, for a method that needs them (ThiNet)."""
         return Calibration(copy.deepcopy(dense), list(self.calib_images.split(512)))
 
-    def prune(self, dense: nn.Module, method: PruningMethod, calib: Calibration | None,
-              round_to: int | None) -> tuple[nn.Module, PruneResult]:  # fmt: skip
+    def prune(
+        self, dense: nn.Module, method: PruningMethod, calib: Calibration | None, round_to: int | None
+    ) -> tuple[nn.Module, PruneResult]:
         """Prune a copy of ``dense`` (the calibration's copy when there is one) to the MACs target."""
         cfg = PruneConfig()
         model = calib.model if calib is not None else copy.deepcopy(dense)
-        res = prune_to_target(model, method, self.cfg.target, self.example, scope=cfg.scope,
-                              max_layer_ratio=cfg.max_layer_ratio, calib=calib, round_to=round_to)  # fmt: skip
+        res = prune_to_target(
+            model,
+            method,
+            self.cfg.target,
+            self.example,
+            scope=cfg.scope,
+            max_layer_ratio=cfg.max_layer_ratio,
+            calib=calib,
+            round_to=round_to,
+        )
         return model, res
 
 

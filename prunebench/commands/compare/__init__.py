@@ -86,8 +86,9 @@ def pick_layers_target(comp: Comparison, wanted: float | None) -> float:
         return targets[0]
     hits = [t for t in targets if math.isclose(t, wanted, abs_tol=1e-9)]
     if not hits:
-        raise UserError(f"--layers-target {wanted:g} was not run in this selection; "
-                        f"targets: {', '.join(f'{t:g}' for t in targets)}")
+        raise UserError(
+            f"--layers-target {wanted:g} was not run in this selection; targets: {', '.join(f'{t:g}' for t in targets)}"
+        )
     return hits[0]
 
 
@@ -112,8 +113,9 @@ def _write_plots(client: MlflowClient, comp: Comparison, out_dir: Path, target: 
     return written
 
 
-def write_outputs(client: MlflowClient, comp: Comparison, out_dir: Path, layers_target: float | None = None,
-                  with_plots: bool = True) -> list[Path]:
+def write_outputs(
+    client: MlflowClient, comp: Comparison, out_dir: Path, layers_target: float | None = None, with_plots: bool = True
+) -> list[Path]:
     """Write table.{md,csv,html,json} and the PNG plots into ``out_dir``; return the paths written."""
     target = pick_layers_target(comp, layers_target)
     out_dir.mkdir(parents=True, exist_ok=True)

@@ -34,8 +34,11 @@ def load_layers(client: MlflowClient, cells: pd.DataFrame) -> tuple[pd.DataFrame
                 missing.append(cell.run_id)
                 continue
             frames.append(layers.assign(order=range(len(layers)), **{k: getattr(cell, k) for k in CELL_KEYS}))
-    notes = [f"{len(missing)} cell(s) without a readable {LAYERS_ARTIFACT} artifact: {', '.join(missing[:4])}"
-             ] if missing else []
+    notes = (
+        [f"{len(missing)} cell(s) without a readable {LAYERS_ARTIFACT} artifact: {', '.join(missing[:4])}"]
+        if missing
+        else []
+    )
     return (pd.concat(frames, ignore_index=True) if frames else pd.DataFrame()), notes
 
 
@@ -71,8 +74,10 @@ def load_norms(client: MlflowClient, cells: pd.DataFrame) -> tuple[pd.DataFrame,
                 if norms is None:
                     continue
                 keys = {k: getattr(cell, k) for k in CELL_KEYS}
-                frames += [pd.DataFrame({"stage": stage, "rank": np.arange(len(v)), "value": v}).assign(**keys)
-                           for stage, v in norms.items()]
+                frames += [
+                    pd.DataFrame({"stage": stage, "rank": np.arange(len(v)), "value": v}).assign(**keys)
+                    for stage, v in norms.items()
+                ]
                 break
     notes = [f"{len(bad)} cell(s) with an unreadable {NORMS_ARTIFACT} artifact: {', '.join(bad[:4])}"] if bad else []
     return (pd.concat(frames, ignore_index=True) if frames else pd.DataFrame()), notes

@@ -93,11 +93,19 @@ def plot_tradeoff(table: pd.DataFrame, path: Path) -> Path:
         here = table[(table["model"] == model) & (table["dataset"] == dataset)]
         for label, rows in here[here["kind"] == "pruned"].groupby("method_label", sort=True):
             rows = rows.sort_values("macs_M")
-            ax.errorbar(rows["macs_M"], rows["top1_pct"], yerr=rows["top1_pct_std"].fillna(0.0), marker="o",
-                        capsize=3, color=colors[label], label=label)
+            ax.errorbar(
+                rows["macs_M"],
+                rows["top1_pct"],
+                yerr=rows["top1_pct_std"].fillna(0.0),
+                marker="o",
+                capsize=3,
+                color=colors[label],
+                label=label,
+            )
             for x, y, t in zip(rows["macs_M"], rows["top1_pct"], rows["target"], strict=True):
-                ax.annotate(f"{t:g}", (x, y), textcoords="offset points", xytext=(4, 4), fontsize=7,
-                            color=colors[label])
+                ax.annotate(
+                    f"{t:g}", (x, y), textcoords="offset points", xytext=(4, 4), fontsize=7, color=colors[label]
+                )
         _reference(ax, here[here["kind"] == "dense"], "*", 12, ":", "black")
         _reference(ax, here[here["kind"] == "control"], "D", 7, "--", "0.35")
         ax.set_xlabel("MACs (M, fvcore; achieved)")
@@ -114,8 +122,17 @@ def _reference(ax: Axes, rows: pd.DataFrame, marker: str, size: float, style: st
         return
     r = rows.iloc[0]
     ax.axhline(r["top1_pct"], color="0.4", linestyle=style, linewidth=1)
-    ax.errorbar([r["macs_M"]], [r["top1_pct"]], yerr=[0.0 if pd.isna(r["top1_pct_std"]) else r["top1_pct_std"]],
-                marker=marker, markersize=size, color=color, linestyle="none", capsize=3, label=r["method_label"])
+    ax.errorbar(
+        [r["macs_M"]],
+        [r["top1_pct"]],
+        yerr=[0.0 if pd.isna(r["top1_pct_std"]) else r["top1_pct_std"]],
+        marker=marker,
+        markersize=size,
+        color=color,
+        linestyle="none",
+        capsize=3,
+        label=r["method_label"],
+    )
 
 
 def _layer_means(layers: pd.DataFrame) -> tuple[pd.DataFrame, pd.Series]:
@@ -150,12 +167,20 @@ def plot_layer_channels(layers: pd.DataFrame, target: float, path: Path) -> Path
         x = range(len(remaining))
         ax.bar(x, dense.to_numpy(), color="0.85", label="dense", width=0.8)
         for label in remaining.columns:
-            ax.plot(x, remaining[label].to_numpy(), marker="o", markersize=3, linewidth=1.2,
-                    color=colors[label], label=label)
+            ax.plot(
+                x,
+                remaining[label].to_numpy(),
+                marker="o",
+                markersize=3,
+                linewidth=1.2,
+                color=colors[label],
+                label=label,
+            )
         ax.set_xticks(list(x), list(remaining.index), rotation=90, fontsize=max(5, min(8, int(400 / max(1, len(x))))))
         ax.set_ylabel("output channels")
-        ax.set_title(f"{model} on {dataset}: remaining channels per layer at target {target:g} "
-                     "(mean over seeds)", fontsize=10)
+        ax.set_title(
+            f"{model} on {dataset}: remaining channels per layer at target {target:g} (mean over seeds)", fontsize=10
+        )
         ax.grid(True, axis="y", alpha=0.3)
         ax.legend(fontsize=8)
     return _save(fig, path)
@@ -178,20 +203,38 @@ def plot_sparsity_norms(norms: pd.DataFrame, target: float, path: Path) -> Path:
         for (label, seed), rows in here.groupby(["method_label", "seed"], sort=True):
             for stage, style in (("start", "--"), ("end", "-")):
                 line = rows[rows["stage"] == stage].sort_values("rank")
-                ax.plot(line["rank"], np.maximum(line["value"], NORM_FLOOR), linestyle=style, linewidth=1.3,
-                        color=colors[label], label=f"{label} (seed {seed})" if stage == "end" else None)
+                ax.plot(
+                    line["rank"],
+                    np.maximum(line["value"], NORM_FLOOR),
+                    linestyle=style,
+                    linewidth=1.3,
+                    color=colors[label],
+                    label=f"{label} (seed {seed})" if stage == "end" else None,
+                )
         ax.axhline(ZERO_THRESHOLD, color="0.3", linestyle=":", linewidth=1)
-        ax.text(0.01, ZERO_THRESHOLD, f"zero threshold ({ZERO_THRESHOLD:g})", transform=ax.get_yaxis_transform(),
-                va="bottom", fontsize=7, color="0.3")
+        ax.text(
+            0.01,
+            ZERO_THRESHOLD,
+            f"zero threshold ({ZERO_THRESHOLD:g})",
+            transform=ax.get_yaxis_transform(),
+            va="bottom",
+            fontsize=7,
+            color="0.3",
+        )
         ax.set_yscale("log")
         ax.set_xlabel("regularized channels, sorted by norm")
         ax.set_ylabel("group norm / layer median at start")
         floor = f"; norms below {NORM_FLOOR:g} drawn at {NORM_FLOOR:g}" if floored else ""
-        ax.set_title(f"{model} on {dataset}: sorted channel norms at target {target:g}, start (dashed) and end "
-                     f"(solid) of sparsity training{floor}", fontsize=9)
+        ax.set_title(
+            f"{model} on {dataset}: sorted channel norms at target {target:g}, start (dashed) and end "
+            f"(solid) of sparsity training{floor}",
+            fontsize=9,
+        )
         ax.grid(True, which="both", alpha=0.25)
-        styles = [Line2D([], [], color="0.3", linestyle="--", label="start"),
-                  Line2D([], [], color="0.3", linestyle="-", label="end")]
+        styles = [
+            Line2D([], [], color="0.3", linestyle="--", label="start"),
+            Line2D([], [], color="0.3", linestyle="-", label="end"),
+        ]
         ax.legend(handles=[*ax.get_legend_handles_labels()[0], *styles], fontsize=8)
     return _save(fig, path)
 
@@ -199,8 +242,14 @@ def plot_sparsity_norms(norms: pd.DataFrame, target: float, path: Path) -> Path:
 def _shade_stages(ax: Axes, stages: dict[str, list[int]], label: bool) -> None:
     """Shade each stage's step range [start, end) so the pruning point between stages is visible."""
     for i, (name, (start, end)) in enumerate(stages.items()):
-        ax.axvspan(start - 0.5, end - 0.5, color=STAGE_COLORS[i % len(STAGE_COLORS)], alpha=0.6, zorder=0,
-                   label=name if label else None)
+        ax.axvspan(
+            start - 0.5,
+            end - 0.5,
+            color=STAGE_COLORS[i % len(STAGE_COLORS)],
+            alpha=0.6,
+            zorder=0,
+            label=name if label else None,
+        )
 
 
 def plot_training_curves(history: pd.DataFrame, stages: dict[str, list[int]], out_dir: Path) -> list[Path]:
@@ -213,8 +262,9 @@ def plot_training_curves(history: pd.DataFrame, stages: dict[str, list[int]], ou
     written: list[Path] = []
     several = history[["model", "dataset"]].drop_duplicates().shape[0] > 1
     seeds = sorted(history["seed"].unique())
-    for (model, dataset, label, target), cell in history.groupby(["model", "dataset", "method_label", "target"],
-                                                                 dropna=False):
+    for (model, dataset, label, target), cell in history.groupby(
+        ["model", "dataset", "method_label", "target"], dropna=False
+    ):
         logged = set(cell["metric"])
         panels = {t: [c for c in curves if c[0] in logged] for t, curves in CURVE_PANELS.items()}
         panels = {t: curves for t, curves in panels.items() if curves}
@@ -225,8 +275,14 @@ def plot_training_curves(history: pd.DataFrame, stages: dict[str, list[int]], ou
             for metric, style, scale in curves:
                 for seed, curve in cell[cell["metric"] == metric].groupby("seed", sort=True):
                     curve = curve.sort_values("step")
-                    ax.plot(curve["step"], curve["value"] * scale, linestyle=style, marker=".",
-                            color=f"C{seeds.index(seed) % 10}", label=f"seed {seed}" if style == "-" else None)
+                    ax.plot(
+                        curve["step"],
+                        curve["value"] * scale,
+                        linestyle=style,
+                        marker=".",
+                        color=f"C{seeds.index(seed) % 10}",
+                        label=f"seed {seed}" if style == "-" else None,
+                    )
             ax.set_title(name, fontsize=9)
             ax.set_xlabel("epoch")
             ax.xaxis.set_major_locator(MaxNLocator(integer=True))
@@ -241,4 +297,3 @@ def plot_training_curves(history: pd.DataFrame, stages: dict[str, list[int]], ou
         suffix = f"_t{target:g}" if math.isfinite(target) else ""
         written.append(_save(fig, out_dir / f"{prefix}{slug(label)}{suffix}.png"))
     return written
-

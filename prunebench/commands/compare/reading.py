@@ -29,14 +29,34 @@ from mlflow.utils.mlflow_tags import MLFLOW_PARENT_RUN_ID
 
 from prunebench.errors import UserError, close_matches, one_line
 from prunebench.tracking import store
-from prunebench.tracking.schema import (CELL_KIND, CONTROL_KIND, FINAL_METRICS, KIND_TAG, OPTIONAL_METRICS,
-                                        PARENT_KIND, STAGES_TAG)
+from prunebench.tracking.schema import (
+    CELL_KIND,
+    CONTROL_KIND,
+    FINAL_METRICS,
+    KIND_TAG,
+    OPTIONAL_METRICS,
+    PARENT_KIND,
+    STAGES_TAG,
+)
 
 GROUP_KEYS = ["model", "dataset", "method_label", "target"]  # one row of the comparison table
 CELL_KEYS = [*GROUP_KEYS, "seed"]  # one cell
 CONTROL_KEYS = ["model", "dataset", "seed"]  # one dense control
-CELL_COLUMNS = ["run_id", "parent_run_id", "status", "start_time", "model", "dataset", "method", "method_label",
-                "seed", "target", "stage_epochs", *FINAL_METRICS, *OPTIONAL_METRICS]
+CELL_COLUMNS = [
+    "run_id",
+    "parent_run_id",
+    "status",
+    "start_time",
+    "model",
+    "dataset",
+    "method",
+    "method_label",
+    "seed",
+    "target",
+    "stage_epochs",
+    *FINAL_METRICS,
+    *OPTIONAL_METRICS,
+]
 
 
 @dataclass
@@ -71,7 +91,7 @@ class Selection:
 def _local_store_path(uri: str) -> Path | None:
     """The file or folder a local tracking URI points at (None for servers)."""
     if uri.startswith("sqlite:///"):
-        path = uri[len("sqlite:///"):]
+        path = uri[len("sqlite:///") :]
         return None if path in ("", ":memory:") else Path(path)
     parsed = urlparse(uri)
     if parsed.scheme == "file":
@@ -94,16 +114,22 @@ def open_client(uri: str) -> MlflowClient:
     return store.client(uri)
 
 
-def _search_all(client: MlflowClient, experiment_id: str, filter_string: str, order_by: list[str] | None = None,
-                max_results: int | None = None) -> list[Run]:
+def _search_all(
+    client: MlflowClient,
+    experiment_id: str,
+    filter_string: str,
+    order_by: list[str] | None = None,
+    max_results: int | None = None,
+) -> list[Run]:
     """Every run matching ``filter_string``, following MLflow's pagination."""
     runs: list[Run] = []
     token: str | None = None
     page = 1000 if max_results is None else min(max_results, 1000)
     while True:
         try:
-            batch = client.search_runs([experiment_id], filter_string, max_results=page, order_by=order_by,
-                                       page_token=token)
+            batch = client.search_runs(
+                [experiment_id], filter_string, max_results=page, order_by=order_by, page_token=token
+            )
         except MlflowException as exc:
             raise UserError(
                 f"MLflow rejected the run filter {filter_string!r}: {one_line(exc)} "
@@ -120,8 +146,10 @@ def list_experiments(client: MlflowClient, tracking_uri: str) -> list[Experiment
     try:
         return list(client.search_experiments())
     except (MlflowException, OSError) as exc:
-        raise UserError(f"cannot read the tracking store at {tracking_uri} ({one_line(exc)}); start the server or "
-                        "fix --tracking-uri / MLFLOW_TRACKING_URI") from None
+        raise UserError(
+            f"cannot read the tracking store at {tracking_uri} ({one_line(exc)}); start the server or "
+            "fix --tracking-uri / MLFLOW_TRACKING_URI"
+        ) from None
 
 
 def pick_experiment(experiments: Sequence[Experiment], name: str | None, tracking_uri: str) -> Experiment:
@@ -174,8 +202,14 @@ def _check_parents(parents: Sequence[Run], exp: Experiment) -> None:
             )
 
 
-def select(client: MlflowClient, tracking_uri: str, experiment: str | None = None,
-           run_ids: Sequence[str] = (), all_runs: bool = False, filter_string: str | None = None) -> Selection:
+def select(
+    client: MlflowClient,
+    tracking_uri: str,
+    experiment: str | None = None,
+    run_ids: Sequence[str] = (),
+    all_runs: bool = False,
+    filter_string: str | None = None,
+) -> Selection:
     """Resolve the command-line selection to an experiment and parent runs (without reading the cells)."""
     experiments = list_experiments(client, tracking_uri)
     parents = _get_parents(client, run_ids, tracking_uri)
@@ -187,14 +221,20 @@ def select(client: MlflowClient, tracking_uri: str, experiment: str | None = Non
     else:
         exp = pick_experiment(experiments, experiment, tracking_uri)
     _check_parents(parents, exp)
-    sel = Selection(tracking_uri, exp.name, exp.experiment_id, [r.info.run_id for r in parents], filter_string,
-                    all_runs=all_runs)
+    sel = Selection(
+        tracking_uri, exp.name, exp.experiment_id, [r.info.run_id for r in parents], filter_string, all_runs=all_runs
+    )
     if parents or all_runs:
         if len(parents) == 1:
             sel.parent_started = _when(parents[0])
         return sel
-    latest = _search_all(client, exp.experiment_id, f"tags.`{KIND_TAG}` = '{PARENT_KIND}'",
-                         order_by=["attributes.start_time DESC"], max_results=1)
+    latest = _search_all(
+        client,
+        exp.experiment_id,
+        f"tags.`{KIND_TAG}` = '{PARENT_KIND}'",
+        order_by=["attributes.start_time DESC"],
+        max_results=1,
+    )
     if latest:  # else no parent at all (cells logged by another tool): every cell of the experiment counts
         sel.parent_run_ids = [latest[0].info.run_id]
         sel.parent_started = _when(latest[0])
@@ -261,9 +301,14 @@ def load_controls(client: MlflowClient, sel: Selection) -> pd.DataFrame:
 
 
 def _describe_cells(cells: pd.DataFrame, limit: int = 4) -> str:
-    items = [f"{r.method_label} seed {r.seed} target {r.target:g}" if pd.notna(r.target) else
-             f"{r.method_label} seed {r.seed}" if pd.notna(r.seed) else str(r.run_id)
-             for r in cells.head(limit).itertuples()]
+    items = [
+        f"{r.method_label} seed {r.seed} target {r.target:g}"
+        if pd.notna(r.target)
+        else f"{r.method_label} seed {r.seed}"
+        if pd.notna(r.seed)
+        else str(r.run_id)
+        for r in cells.head(limit).itertuples()
+    ]
     more = f", ... ({len(cells)} in all)" if len(cells) > limit else ""
     return ", ".join(items) + more
 
@@ -286,8 +331,10 @@ def clean_cells(cells: pd.DataFrame) -> tuple[pd.DataFrame, list[str]]:
     done = cells[cells["status"] == "FINISHED"]
     bad = done[done[["method_label", "seed", "target"]].isna().any(axis=1)]
     if len(bad):
-        notes.append(f"{len(bad)} finished run(s) without the method/seed/target params left out: "
-                     f"{', '.join(bad['run_id'].head(4))}")
+        notes.append(
+            f"{len(bad)} finished run(s) without the method/seed/target params left out: "
+            f"{', '.join(bad['run_id'].head(4))}"
+        )
         done = done.drop(bad.index)
     no_top1 = done[done["test_top1"].isna()]
     if len(no_top1):
@@ -295,8 +342,10 @@ def clean_cells(cells: pd.DataFrame) -> tuple[pd.DataFrame, list[str]]:
         done = done.drop(no_top1.index)
     deduped = done.drop_duplicates(subset=CELL_KEYS, keep="last")
     if len(deduped) < len(done):
-        notes.append(f"{len(done) - len(deduped)} repeated cell(s) (same method, target and seed in several "
-                     "invocations) counted once, from the latest run")
+        notes.append(
+            f"{len(done) - len(deduped)} repeated cell(s) (same method, target and seed in several "
+            "invocations) counted once, from the latest run"
+        )
     return deduped.astype({"seed": int, "target": float}).reset_index(drop=True), notes
 
 
@@ -306,12 +355,15 @@ def clean_controls(controls: pd.DataFrame, cells: pd.DataFrame) -> tuple[pd.Data
     done = controls[(controls["status"] == "FINISHED") & controls["seed"].notna()]
     no_top1 = done[done["test_top1"].isna()]
     if len(no_top1):
-        notes.append(f"{len(no_top1)} finished dense control run(s) without a test_top1 metric left out: "
-                     f"{_describe_cells(no_top1)}")
+        notes.append(
+            f"{len(no_top1)} finished dense control run(s) without a test_top1 metric left out: "
+            f"{_describe_cells(no_top1)}"
+        )
         done = done.drop(no_top1.index)
     done = done.astype({"seed": int}).merge(cells[CONTROL_KEYS].drop_duplicates(), on=CONTROL_KEYS)
     deduped = done.drop_duplicates(subset=CONTROL_KEYS, keep="last")
     if len(deduped) < len(done):
-        notes.append(f"{len(done) - len(deduped)} repeated dense control run(s) (same seed) counted once, "
-                     "from the latest run")
+        notes.append(
+            f"{len(done) - len(deduped)} repeated dense control run(s) (same seed) counted once, from the latest run"
+        )
     return deduped.reset_index(drop=True), notes

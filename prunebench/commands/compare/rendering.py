@@ -79,22 +79,35 @@ def _colalign(frame: pd.DataFrame) -> list[str]:
 
 def align(frame: pd.DataFrame) -> str:
     """Plain-text table with aligned columns (text left, numbers right) and a rule under the header."""
-    return tabulate(frame.astype(str).values.tolist(), headers=list(frame.columns), tablefmt="simple",
-                    colalign=_colalign(frame), disable_numparse=True)
+    return tabulate(
+        frame.astype(str).values.tolist(),
+        headers=list(frame.columns),
+        tablefmt="simple",
+        colalign=_colalign(frame),
+        disable_numparse=True,
+    )
 
 
 def markdown_table(frame: pd.DataFrame) -> str:
     """A GitHub-flavoured Markdown pipe table with the same alignment as :func:`align`."""
     escaped = frame.astype(str).apply(lambda col: col.str.replace("|", "\\|").str.replace("*", "\\*"))
-    return tabulate(escaped.values.tolist(), headers=list(escaped.columns), tablefmt="pipe",
-                    colalign=_colalign(escaped), disable_numparse=True)
+    return tabulate(
+        escaped.values.tolist(),
+        headers=list(escaped.columns),
+        tablefmt="pipe",
+        colalign=_colalign(escaped),
+        disable_numparse=True,
+    )
 
 
 def title(comp: Comparison) -> str:
     """What is compared: model and dataset (when single), experiment and the number of cells."""
     t = comp.table
-    what = (f"{t['model'].iloc[0]} on {t['dataset'].iloc[0]}"
-            if _constant(t, "model") and _constant(t, "dataset") else "several models/datasets")
+    what = (
+        f"{t['model'].iloc[0]} on {t['dataset'].iloc[0]}"
+        if _constant(t, "model") and _constant(t, "dataset")
+        else "several models/datasets"
+    )
     seeds = comp.cells["seed"].nunique()
     controls = f", {len(comp.controls)} dense control(s)" if len(comp.controls) else ""
     return f"{what}: {len(comp.cells)} cells{controls}, {seeds} seed(s) (experiment {comp.selection.experiment!r})"
@@ -109,8 +122,10 @@ def verdict_lines(comp: Comparison) -> list[str]:
         if t.runner_up is None:
             lines.append(f"{where}target {t.target:.2f}: {t.best} ({t.verdict})")
             continue
-        lines.append(f"{where}target {t.target:.2f}: {t.best} leads {t.runner_up} by {t.lead_pp:+.2f} pp "
-                     f"({_test_text(t)}): {t.verdict}")
+        lines.append(
+            f"{where}target {t.target:.2f}: {t.best} leads {t.runner_up} by {t.lead_pp:+.2f} pp "
+            f"({_test_text(t)}): {t.verdict}"
+        )
     return lines
 
 
@@ -123,11 +138,13 @@ def _test_text(t: Any) -> str:
 
 def _legend(comp: Comparison) -> str:
     control = "" if len(comp.controls) else " (no dense-control runs in this selection)"
-    return (f"* best mean test top-1 at its target. mean ± sample sd over seeds of per-seed values and of "
-            f"per-seed differences (pp): 'vs dense' to the dense model of the same seed, 'vs dense (same epochs)' "
-            f"to the dense model trained unpruned for the same extra epochs{control}, 'vs best' to the best method "
-            f"at the target; 'zeroed' is the share of regularized channels below 5% of their layer's starting "
-            f"median norm after sparsity training (mean over seeds). Significance: {TEST_NAME}, alpha {comp.alpha:g}.")
+    return (
+        f"* best mean test top-1 at its target. mean ± sample sd over seeds of per-seed values and of "
+        f"per-seed differences (pp): 'vs dense' to the dense model of the same seed, 'vs dense (same epochs)' "
+        f"to the dense model trained unpruned for the same extra epochs{control}, 'vs best' to the best method "
+        f"at the target; 'zeroed' is the share of regularized channels below 5% of their layer's starting "
+        f"median norm after sparsity training (mean over seeds). Significance: {TEST_NAME}, alpha {comp.alpha:g}."
+    )
 
 
 def to_text(comp: Comparison) -> str:
@@ -141,9 +158,19 @@ def to_text(comp: Comparison) -> str:
 
 def to_markdown(comp: Comparison) -> str:
     """Markdown for reports and READMEs: the same content as the terminal table."""
-    parts = [f"### {title(comp)}", "", f"Selection: {comp.selection.describe()}", "",
-             markdown_table(display_frame(comp)), "", _legend(comp).replace("*", "\\*", 1), "",
-             "**Best per target**", "", *(f"- {s}" for s in verdict_lines(comp))]
+    parts = [
+        f"### {title(comp)}",
+        "",
+        f"Selection: {comp.selection.describe()}",
+        "",
+        markdown_table(display_frame(comp)),
+        "",
+        _legend(comp).replace("*", "\\*", 1),
+        "",
+        "**Best per target**",
+        "",
+        *(f"- {s}" for s in verdict_lines(comp)),
+    ]
     if comp.notes:
         parts += ["", "**Notes**", "", *(f"- {s}" for s in comp.notes)]
     return "\n".join(parts) + "\n"
@@ -159,7 +186,7 @@ def to_html(comp: Comparison) -> str:
     tests = comp.tests.rename(columns={"p_value": "p", "statistic": "t"})
     notes = "".join(f"<li>{html.escape(n)}</li>" for n in comp.notes)
     return (
-        "<!DOCTYPE html>\n<html><head><meta charset=\"utf-8\"><title>prunebench compare</title>\n"
+        '<!DOCTYPE html>\n<html><head><meta charset="utf-8"><title>prunebench compare</title>\n'
         "<style>body{font-family:sans-serif} table{border-collapse:collapse} td,th{padding:2px 8px;"
         "border-bottom:1px solid #ccc;text-align:right} td:first-child,th:first-child{text-align:left}</style>"
         "</head><body>\n"
@@ -181,15 +208,29 @@ def to_json(comp: Comparison) -> str:
     cells = comp.cells.drop(columns=["stage_epochs"])
     controls = comp.controls.drop(columns=["stage_epochs"], errors="ignore")
     doc = {
-        "selection": {"tracking_uri": comp.selection.tracking_uri, "experiment": comp.selection.experiment,
-                      "parent_run_ids": comp.selection.parent_run_ids, "filter": comp.selection.filter_string},
-        "units": {"top1_pct": "percent", "delta_pp": "percentage points", "vs_control_pp": "percentage points",
-                  "vs_best_pp": "percentage points", "macs_M": "millions of multiply-adds", "params_M": "millions",
-                  "latency_ms": "milliseconds (batch 1)", "latency_ms_batch": "milliseconds (larger batch)",
-                  "sparsity_zero_pct": "percent of the regularized channels",
-                  "std": "sample standard deviation (ddof=1)"},
-        "test": TEST_NAME, "alpha": comp.alpha,
-        "rows": _records(comp.table), "significance": _records(comp.tests), "cells": _records(cells),
+        "selection": {
+            "tracking_uri": comp.selection.tracking_uri,
+            "experiment": comp.selection.experiment,
+            "parent_run_ids": comp.selection.parent_run_ids,
+            "filter": comp.selection.filter_string,
+        },
+        "units": {
+            "top1_pct": "percent",
+            "delta_pp": "percentage points",
+            "vs_control_pp": "percentage points",
+            "vs_best_pp": "percentage points",
+            "macs_M": "millions of multiply-adds",
+            "params_M": "millions",
+            "latency_ms": "milliseconds (batch 1)",
+            "latency_ms_batch": "milliseconds (larger batch)",
+            "sparsity_zero_pct": "percent of the regularized channels",
+            "std": "sample standard deviation (ddof=1)",
+        },
+        "test": TEST_NAME,
+        "alpha": comp.alpha,
+        "rows": _records(comp.table),
+        "significance": _records(comp.tests),
+        "cells": _records(cells),
         "controls": _records(controls),
         "notes": comp.notes,
     }

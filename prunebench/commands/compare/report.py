@@ -11,8 +11,7 @@ from dataclasses import dataclass, field
 import pandas as pd
 from mlflow.tracking import MlflowClient
 
-from prunebench.commands.compare.reading import (Selection, clean_cells, clean_controls, load_cells,
-                                                 load_controls)
+from prunebench.commands.compare.reading import Selection, clean_cells, clean_controls, load_cells, load_controls
 from prunebench.commands.compare.statistics import aggregate, significance
 from prunebench.errors import UserError
 from prunebench.tracking.schema import CELL_KIND, KIND_TAG
@@ -35,14 +34,20 @@ def build(client: MlflowClient, sel: Selection, alpha: float = 0.05) -> Comparis
     """Read, clean, aggregate and test the selected cells and dense controls; a clear UserError when no cell is left."""
     raw = load_cells(client, sel)
     if raw.empty:
-        hint = ("drop or loosen --filter" if sel.filter_string else
-                "pick another invocation with --run-id, or take every invocation with --all-runs"
-                if sel.parent_run_ids else f"check that the runs carry the tag {KIND_TAG}={CELL_KIND}")
+        hint = (
+            "drop or loosen --filter"
+            if sel.filter_string
+            else "pick another invocation with --run-id, or take every invocation with --all-runs"
+            if sel.parent_run_ids
+            else f"check that the runs carry the tag {KIND_TAG}={CELL_KIND}"
+        )
         raise UserError(f"no cell runs match ({sel.describe()}); {hint}")
     cells, notes = clean_cells(raw)
     if cells.empty:
-        raise UserError(f"none of the {len(raw)} matching cell runs finished with a test_top1 metric "
-                        f"({sel.describe()}); {' '.join(notes)}")
+        raise UserError(
+            f"none of the {len(raw)} matching cell runs finished with a test_top1 metric "
+            f"({sel.describe()}); {' '.join(notes)}"
+        )
     controls, control_notes = clean_controls(load_controls(client, sel), cells)
     notes += control_notes
     if not sel.parent_run_ids and not sel.all_runs:
@@ -50,7 +55,11 @@ def build(client: MlflowClient, sel: Selection, alpha: float = 0.05) -> Comparis
     table = aggregate(cells, controls)
     tests = significance(cells, alpha)
     for t in tests.itertuples():
-        hit = (table["model"] == t.model) & (table["dataset"] == t.dataset) & (table["target"] == t.target) & (
-            table["method_label"] == t.best)
+        hit = (
+            (table["model"] == t.model)
+            & (table["dataset"] == t.dataset)
+            & (table["target"] == t.target)
+            & (table["method_label"] == t.best)
+        )
         table.loc[hit, ["test_vs_next", "p_vs_next"]] = [t.test if t.runner_up is not None else None, t.p_value]
     return Comparison(sel, cells, table, tests, notes, alpha, controls)

@@ -29,19 +29,46 @@ from prunebench.tracking.schema import CONTROL_KIND
 CONTROL_LABEL = "dense (same epochs)"  # shown when a control run has no method_label param
 PAIRED_TEST = "paired t-test"
 WELCH_TEST = "Welch's t-test"
-TEST_NAME = ("two-sided paired t-test on the per-seed differences in test top-1 between the best method and the "
-             "runner-up (paired by seed); two-sided Welch's t-test (unequal variances) on the per-seed values where "
-             "the two methods' seed sets differ")
+TEST_NAME = (
+    "two-sided paired t-test on the per-seed differences in test top-1 between the best method and the "
+    "runner-up (paired by seed); two-sided Welch's t-test (unequal variances) on the per-seed values where "
+    "the two methods' seed sets differ"
+)
 FLAT_PP = 1e-9  # a spread of per-seed values below this (pp) is float rounding, not seed-to-seed variation
 
 # Columns of the machine-readable table (CSV/JSON), in order; units are in the names.
 TABLE_COLUMNS = [
-    "model", "dataset", "kind", "method", "method_label", "target", "n",
-    "top1_pct", "top1_pct_std", "delta_pp", "delta_pp_std",
-    "vs_control_pp", "vs_control_pp_std", "vs_control_n", "vs_best_pp", "vs_best_pp_std", "vs_best_n",
-    "macs_M", "macs_conv_fc_M", "macs_reduction_pct", "params_M", "params_reduction_pct",
-    "latency_ms", "latency_ms_batch", "speedup", "sparsity_zero_pct", "sparsity_pull", "penalty_ratio",
-    "rank", "test_vs_next", "p_vs_next",
+    "model",
+    "dataset",
+    "kind",
+    "method",
+    "method_label",
+    "target",
+    "n",
+    "top1_pct",
+    "top1_pct_std",
+    "delta_pp",
+    "delta_pp_std",
+    "vs_control_pp",
+    "vs_control_pp_std",
+    "vs_control_n",
+    "vs_best_pp",
+    "vs_best_pp_std",
+    "vs_best_n",
+    "macs_M",
+    "macs_conv_fc_M",
+    "macs_reduction_pct",
+    "params_M",
+    "params_reduction_pct",
+    "latency_ms",
+    "latency_ms_batch",
+    "speedup",
+    "sparsity_zero_pct",
+    "sparsity_pull",
+    "penalty_ratio",
+    "rank",
+    "test_vs_next",
+    "p_vs_next",
 ]
 
 
@@ -69,22 +96,43 @@ def _dense_rows(v: pd.DataFrame) -> pd.DataFrame:
     per_seed = (
         v.assign(lat_batch=lat_batch)
         .groupby(["model", "dataset", "seed"], sort=False)
-        .agg(top1=("dense_test_top1", "mean"), macs=("macs_dense", "mean"), macs_cf=("macs_conv_fc_dense", "mean"),
-             params=("params_dense", "mean"), lat=("dense_latency_ms", "mean"), lat_batch=("lat_batch", "mean"))
+        .agg(
+            top1=("dense_test_top1", "mean"),
+            macs=("macs_dense", "mean"),
+            macs_cf=("macs_conv_fc_dense", "mean"),
+            params=("params_dense", "mean"),
+            lat=("dense_latency_ms", "mean"),
+            lat_batch=("lat_batch", "mean"),
+        )
         .reset_index()
     )
     dense = (
         per_seed.groupby(["model", "dataset"], sort=False)
-        .agg(n=("top1", "count"), top1_pct=("top1", "mean"), top1_pct_std=("top1", "std"), macs=("macs", "mean"),
-             macs_cf=("macs_cf", "mean"), params=("params", "mean"), latency_ms=("lat", "mean"),
-             latency_ms_batch=("lat_batch", "mean"))
+        .agg(
+            n=("top1", "count"),
+            top1_pct=("top1", "mean"),
+            top1_pct_std=("top1", "std"),
+            macs=("macs", "mean"),
+            macs_cf=("macs_cf", "mean"),
+            params=("params", "mean"),
+            latency_ms=("lat", "mean"),
+            latency_ms_batch=("lat_batch", "mean"),
+        )
         .reset_index()
     )
     dense = dense[dense[["top1_pct", "macs", "params"]].notna().any(axis=1)]  # nothing dense was logged
     return dense.assign(
-        kind="dense", method="dense", method_label="dense", target=math.nan, top1_pct=dense["top1_pct"] * 100,
-        top1_pct_std=dense["top1_pct_std"] * 100, macs_M=dense["macs"] / 1e6, macs_conv_fc_M=dense["macs_cf"] / 1e6,
-        params_M=dense["params"] / 1e6, macs_reduction_pct=0.0, params_reduction_pct=0.0,
+        kind="dense",
+        method="dense",
+        method_label="dense",
+        target=math.nan,
+        top1_pct=dense["top1_pct"] * 100,
+        top1_pct_std=dense["top1_pct_std"] * 100,
+        macs_M=dense["macs"] / 1e6,
+        macs_conv_fc_M=dense["macs_cf"] / 1e6,
+        params_M=dense["params"] / 1e6,
+        macs_reduction_pct=0.0,
+        params_reduction_pct=0.0,
         speedup=np.where(dense["latency_ms_batch"].notna(), 1.0, np.nan),
     ).drop(columns=["macs", "macs_cf", "params"])
 
@@ -93,14 +141,25 @@ def _summary(v: pd.DataFrame, keys: list[str]) -> pd.DataFrame:
     """Mean (and sd) over seeds of the per-cell display values of ``v``, one row per ``keys``."""
     return (
         v.groupby(keys, sort=False)
-        .agg(method=("method", "first"), n=("top1", "count"), top1_pct=("top1", "mean"),
-             top1_pct_std=("top1", "std"), delta_pp=("delta", "mean"), delta_pp_std=("delta", "std"),
-             macs_M=("macs_M", "mean"), macs_conv_fc_M=("macs_conv_fc_M", "mean"),
-             macs_reduction_pct=("macs_red", "mean"), params_M=("params_M", "mean"),
-             params_reduction_pct=("params_red", "mean"), latency_ms=("latency_ms", "mean"),
-             latency_ms_batch=("latency_ms_batch", "mean"), speedup=("speedup", "mean"),
-             sparsity_zero_pct=("zero_pct", "mean"), sparsity_pull=("sparsity_pull", "mean"),
-             penalty_ratio=("penalty_ratio", "mean"))
+        .agg(
+            method=("method", "first"),
+            n=("top1", "count"),
+            top1_pct=("top1", "mean"),
+            top1_pct_std=("top1", "std"),
+            delta_pp=("delta", "mean"),
+            delta_pp_std=("delta", "std"),
+            macs_M=("macs_M", "mean"),
+            macs_conv_fc_M=("macs_conv_fc_M", "mean"),
+            macs_reduction_pct=("macs_red", "mean"),
+            params_M=("params_M", "mean"),
+            params_reduction_pct=("params_red", "mean"),
+            latency_ms=("latency_ms", "mean"),
+            latency_ms_batch=("latency_ms_batch", "mean"),
+            speedup=("speedup", "mean"),
+            sparsity_zero_pct=("zero_pct", "mean"),
+            sparsity_pull=("sparsity_pull", "mean"),
+            penalty_ratio=("penalty_ratio", "mean"),
+        )
         .reset_index()
     )
 
@@ -110,9 +169,13 @@ def _control_rows(controls: pd.DataFrame) -> pd.DataFrame:
     v = _per_cell_values(controls).assign(method_label=controls["method_label"].fillna(CONTROL_LABEL))
     rows = _summary(v, ["model", "dataset"])
     label = v.groupby(["model", "dataset"], sort=False)["method_label"].first().to_numpy()
-    return rows.assign(kind=CONTROL_KIND, method_label=label, target=math.nan,
-                       macs_reduction_pct=rows["macs_reduction_pct"].fillna(0.0),
-                       params_reduction_pct=rows["params_reduction_pct"].fillna(0.0))
+    return rows.assign(
+        kind=CONTROL_KIND,
+        method_label=label,
+        target=math.nan,
+        macs_reduction_pct=rows["macs_reduction_pct"].fillna(0.0),
+        params_reduction_pct=rows["params_reduction_pct"].fillna(0.0),
+    )
 
 
 def ranked_methods(cells: pd.DataFrame) -> list[str]:
@@ -178,12 +241,18 @@ def aggregate(cells: pd.DataFrame, controls: pd.DataFrame | None = None) -> pd.D
     methods["rank"] = (
         methods.groupby(["model", "dataset", "target"])["top1_pct"].rank(ascending=False, method="min").astype("Int64")
     )
-    parts = [p for p in (_dense_rows(v), _control_rows(controls) if len(controls) else None, methods)
-             if p is not None and len(p)]
+    parts = [
+        p
+        for p in (_dense_rows(v), _control_rows(controls) if len(controls) else None, methods)
+        if p is not None and len(p)
+    ]
     table = pd.concat(parts, ignore_index=True)
     table = table.assign(order=table["kind"].map(_KIND_ORDER)).sort_values(
-        ["model", "dataset", "order", "target", "top1_pct"], ascending=[True, True, True, True, False], kind="stable",
-        na_position="first")
+        ["model", "dataset", "order", "target", "top1_pct"],
+        ascending=[True, True, True, True, False],
+        kind="stable",
+        na_position="first",
+    )
     table["test_vs_next"], table["p_vs_next"] = None, math.nan
     return table.reindex(columns=TABLE_COLUMNS).reset_index(drop=True)
 
@@ -234,8 +303,12 @@ def _verdict(p: float, alpha: float) -> str:
 def _test_lead(a: pd.Series, b: pd.Series, alpha: float) -> dict[str, Any]:
     """The paired test where both methods ran the same seeds, else Welch's; with its verdict."""
     same = set(a.index) == set(b.index)
-    row = {"statistic": math.nan, "df": math.nan, "p_value": math.nan,
-           **(_paired_test(a, b) if same else _welch_test(a, b))}
+    row = {
+        "statistic": math.nan,
+        "df": math.nan,
+        "p_value": math.nan,
+        **(_paired_test(a, b) if same else _welch_test(a, b)),
+    }
     if "verdict" not in row:
         row["verdict"] = _verdict(row["p_value"], alpha)
     return row
@@ -253,15 +326,34 @@ def significance(cells: pd.DataFrame, alpha: float = 0.05) -> pd.DataFrame:
     for (model, dataset, target), grp in cells.groupby(["model", "dataset", "target"], sort=True):
         ranked = ranked_methods(grp)
         a = _seed_values(grp, ranked[0])
-        row: dict[str, Any] = {"model": model, "dataset": dataset, "target": target, "best": ranked[0],
-                               "runner_up": None, "best_top1_pct": a.mean(), "runner_up_top1_pct": math.nan,
-                               "lead_pp": math.nan, "n_best": len(a), "n_runner_up": 0, "n_common": 0,
-                               "test": None, "statistic": math.nan, "df": math.nan, "n": 0, "p_value": math.nan}
+        row: dict[str, Any] = {
+            "model": model,
+            "dataset": dataset,
+            "target": target,
+            "best": ranked[0],
+            "runner_up": None,
+            "best_top1_pct": a.mean(),
+            "runner_up_top1_pct": math.nan,
+            "lead_pp": math.nan,
+            "n_best": len(a),
+            "n_runner_up": 0,
+            "n_common": 0,
+            "test": None,
+            "statistic": math.nan,
+            "df": math.nan,
+            "n": 0,
+            "p_value": math.nan,
+        }
         if len(ranked) == 1:
             rows.append(row | {"verdict": "only one method at this target: nothing to compare"})
             continue
         b = _seed_values(grp, ranked[1])
-        row.update(runner_up=ranked[1], runner_up_top1_pct=b.mean(), lead_pp=a.mean() - b.mean(), n_runner_up=len(b),
-                   n_common=len(a.index.intersection(b.index)))
+        row.update(
+            runner_up=ranked[1],
+            runner_up_top1_pct=b.mean(),
+            lead_pp=a.mean() - b.mean(),
+            n_runner_up=len(b),
+            n_common=len(a.index.intersection(b.index)),
+        )
         rows.append(row | _test_lead(a, b, alpha))
     return pd.DataFrame(rows)

@@ -11,6 +11,22 @@ from prunebench.commands.run.grid import run_recipe
 from prunebench.commands.run.phases import CONTROL, CONTROL_LABEL, CellCheckpoints, Phase, cell_phases, train_and_prune
 from prunebench.commands.run.summary import CellResult, RunSummary, format_summary
 
-__all__ = ["CONTROL", "CONTROL_LABEL", "CellCheckpoints", "CellResult", "Context", "Phase", "RunSummary", "cell_phases",
-           "check_regularizers", "dense_model", "format_summary", "load_user_checkpoint", "preflight", "run_cell",
-           "run_control", "run_recipe", "train_and_prune"]
+__all__ = [
+    "CONTROL",
+    "CONTROL_LABEL",
+    "CellCheckpoints",
+    "CellResult",
+    "Context",
+    "Phase",
+    "RunSummary",
+    "cell_phases",
+    "check_regularizers",
+    "dense_model",
+    "format_summary",
+    "load_user_checkpoint",
+    "preflight",
+    "run_cell",
+    "run_control",
+    "run_recipe",
+    "train_and_prune",
+]

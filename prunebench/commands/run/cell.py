@@ -39,8 +39,16 @@ def _last_step(stages: dict[str, list[int]]) -> int:
     return max((end for _, end in stages.values()), default=1) - 1
 
 
-def run_cell(ctx: Context, dense: nn.Module, dense_metrics: dict[str, Any], spec: dict[str, Any], seed: int,
-             target: float, *, checkpoints: CellCheckpoints | None = None) -> dict[str, float]:
+def run_cell(
+    ctx: Context,
+    dense: nn.Module,
+    dense_metrics: dict[str, Any],
+    spec: dict[str, Any],
+    seed: int,
+    target: float,
+    *,
+    checkpoints: CellCheckpoints | None = None,
+) -> dict[str, float]:
     """One cell inside its MLflow child run: train and prune, then measure and log everything."""
     recipe = ctx.recipe
     diagnostics: dict[str, float] = {}
@@ -49,8 +57,9 @@ def run_cell(ctx: Context, dense: nn.Module, dense_metrics: dict[str, Any], spec
         _log_epoch(stage, stats, step)
         diagnostics.update(stats.diagnostics)
 
-    model, stages = train_and_prune(ctx, dense, dense_metrics["macs_dense"], spec, seed, target, on_epoch=on_epoch,
-                                    checkpoints=checkpoints)
+    model, stages = train_and_prune(
+        ctx, dense, dense_metrics["macs_dense"], spec, seed, target, on_epoch=on_epoch, checkpoints=checkpoints
+    )
     runs.set_tags({schema.STAGES_TAG: json.dumps(stages)})
 
     report = count_macs(model, ctx.example)
@@ -78,10 +87,16 @@ def run_cell(ctx: Context, dense: nn.Module, dense_metrics: dict[str, Any], spec
     runs.log_final(metrics, step=_last_step(stages))
     before = {r["name"]: r for r in dense_metrics["_layers"]}
     rows = [
-        {"layer": r["name"], "type": r["type"],
-         "in_before": before.get(r["name"], r)["in_channels"], "out_before": before.get(r["name"], r)["out_channels"],
-         "in_after": r["in_channels"], "out_after": r["out_channels"],
-         "macs_before": before.get(r["name"], r)["macs"], "macs_after": r["macs"]}
+        {
+            "layer": r["name"],
+            "type": r["type"],
+            "in_before": before.get(r["name"], r)["in_channels"],
+            "out_before": before.get(r["name"], r)["out_channels"],
+            "in_after": r["in_channels"],
+            "out_after": r["out_channels"],
+            "macs_before": before.get(r["name"], r)["macs"],
+            "macs_after": r["macs"],
+        }
         for r in report.per_layer
     ]
     runs.log_text(runs.rows_to_csv(rows), schema.LAYERS_ARTIFACT)
@@ -94,13 +109,20 @@ def run_cell(ctx: Context, dense: nn.Module, dense_metrics: dict[str, Any], spec
     return {**diagnostics, **{k: v for k, v in metrics.items() if v is not None}}
 
 
-def run_control(ctx: Context, dense: nn.Module, dense_metrics: dict[str, Any], seed: int, *,
-                checkpoints: CellCheckpoints | None = None) -> dict[str, float]:
+def run_control(
+    ctx: Context,
+    dense: nn.Module,
+    dense_metrics: dict[str, Any],
+    seed: int,
+    *,
+    checkpoints: CellCheckpoints | None = None,
+) -> dict[str, float]:
     """The dense control of ``seed`` inside its MLflow child run: the dense model trained on, unpruned, for the
     cells' stages (same schedules, same data order), so that "vs dense (same epochs)" separates what the
     method did from what the extra epochs did."""
-    model, stages = train_and_prune(ctx, dense, dense_metrics["macs_dense"], CONTROL, seed, 0.0, on_epoch=_log_epoch,
-                                    checkpoints=checkpoints)
+    model, stages = train_and_prune(
+        ctx, dense, dense_metrics["macs_dense"], CONTROL, seed, 0.0, on_epoch=_log_epoch, checkpoints=checkpoints
+    )
     runs.set_tags({schema.STAGES_TAG: json.dumps(stages)})
     metrics = {
         "test_top1": evaluate(model, ctx.data.eval_batches("test"), ctx.recipe.train),
@@ -117,19 +139,32 @@ def run_control(ctx: Context, dense: nn.Module, dense_metrics: dict[str, Any], s
 
 
 def _cell_params(recipe: Recipe, spec: dict[str, Any], seed: int, target: float) -> dict[str, Any]:
-    return {"method": spec["name"], "method_label": method_label(spec), "seed": seed, "target": target,
-            "model": recipe.model.name, "dataset": recipe.data.name, "scope": recipe.prune.scope,
-            "iterations": recipe.prune.iterations,
-            **{f"{schema.METHOD_PARAM_PREFIX}{k}": v for k, v in spec.items() if k != "name"}}
+    return {
+        "method": spec["name"],
+        "method_label": method_label(spec),
+        "seed": seed,
+        "target": target,
+        "model": recipe.model.name,
+        "dataset": recipe.data.name,
+        "scope": recipe.prune.scope,
+        "iterations": recipe.prune.iterations,
+        **{f"{schema.METHOD_PARAM_PREFIX}{k}": v for k, v in spec.items() if k != "name"},
+    }
 
 
 def _control_params(recipe: Recipe, seed: int) -> dict[str, Any]:
-    return {"method": CONTROL["name"], "method_label": label(CONTROL), "seed": seed, "model": recipe.model.name,
-            "dataset": recipe.data.name}
+    return {
+        "method": CONTROL["name"],
+        "method_label": label(CONTROL),
+        "seed": seed,
+        "model": recipe.model.name,
+        "dataset": recipe.data.name,
+    }
 
 
-def run_isolated(ctx: Context, start: DenseStart, spec: dict[str, Any], seed: int, target: float, key: str,
-                 earlier: Any | None) -> CellResult:
+def run_isolated(
+    ctx: Context, start: DenseStart, spec: dict[str, Any], seed: int, target: float, key: str, earlier: Any | None
+) -> CellResult:
     """One cell (or, for :data:`CONTROL`, a seed's dense control) in its own MLflow run (reopened when
     ``earlier`` is an unfinished attempt); an exception marks it FAILED and is returned, not raised, so the
     grid goes on. Interrupts propagate."""
@@ -140,12 +175,21 @@ def run_isolated(ctx: Context, start: DenseStart, spec: dict[str, Any], seed: in
     params = _control_params(recipe, seed) if control else _cell_params(recipe, spec, seed, target)
     name = f"dense_control-s{seed}" if control else f"{cell.method}-s{seed}-t{target}"
     try:
-        with runs.cell_run(name, params, recipe.name, cell_key=key, run_id=cell.run_id or None,
-                           kind=schema.CONTROL_KIND if control else schema.CELL_KIND) as run:
+        with runs.cell_run(
+            name,
+            params,
+            recipe.name,
+            cell_key=key,
+            run_id=cell.run_id or None,
+            kind=schema.CONTROL_KIND if control else schema.CELL_KIND,
+        ) as run:
             cell.run_id = run.info.run_id
             checkpoints = CellCheckpoints(cache.cell_checkpoint_path(recipe, cell.run_id), key, cell.run_id)
-            cell.metrics = (run_control(ctx, start.model, start.metrics, seed, checkpoints=checkpoints) if control
-                            else run_cell(ctx, start.model, start.metrics, spec, seed, target, checkpoints=checkpoints))
+            cell.metrics = (
+                run_control(ctx, start.model, start.metrics, seed, checkpoints=checkpoints)
+                if control
+                else run_cell(ctx, start.model, start.metrics, spec, seed, target, checkpoints=checkpoints)
+            )
     except Exception as exc:  # isolate the failure (cell_run marked the run FAILED with the traceback)
         cell.status, cell.error = "FAILED", f"{type(exc).__name__}: {one_line(exc, 500)}"
         log.info("  %s: FAILED (%s)", cell.describe(), cell.error)

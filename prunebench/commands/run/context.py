@@ -40,7 +40,9 @@ class Context:
         self.resume = resume
         self.device = resolve_device(recipe.train.device)
         self.data: DataModule = load_data(recipe.data, self.device)
-        self.example = torch.zeros(1, self.data.in_chans, self.data.image_size, self.data.image_size, device=self.device)
+        self.example = torch.zeros(
+            1, self.data.in_chans, self.data.image_size, self.data.image_size, device=self.device
+        )
         self._dense_latency: dict[int, float] | None = None
 
     @property
@@ -75,8 +77,9 @@ class Context:
     def latency(self, model: nn.Module) -> dict[int, float]:
         m = self.recipe.measure
         shape = tuple(self.example.shape[1:])
-        return measure_latency(model, shape, self.device, batch_sizes=(1, m.latency_batch), warmup=m.warmup,
-                               repeats=m.repeats)
+        return measure_latency(
+            model, shape, self.device, batch_sizes=(1, m.latency_batch), warmup=m.warmup, repeats=m.repeats
+        )
 
 
 def preflight(ctx: Context) -> None:
@@ -101,14 +104,18 @@ def load_user_checkpoint(recipe: Recipe, model: nn.Module) -> None:
     try:
         state = load_torch(path)
     except Exception as exc:  # truncated, not a torch file, or one that needs code to unpickle
-        raise UserError(f"dense.checkpoint {str(path)!r} cannot be read as a weights-only state dict "
-                        f"({one_line(exc, 160)}); save it with torch.save(model.state_dict(), path)") from None
+        raise UserError(
+            f"dense.checkpoint {str(path)!r} cannot be read as a weights-only state dict "
+            f"({one_line(exc, 160)}); save it with torch.save(model.state_dict(), path)"
+        ) from None
     state = state.get("state_dict", state) if isinstance(state, dict) else state
     try:
         model.load_state_dict(state)
     except (RuntimeError, KeyError, TypeError, AttributeError) as exc:
-        raise UserError(f"dense.checkpoint {str(path)!r} does not match model {recipe.model.name!r}: "
-                        f"{one_line(exc)}; point it at a state dict of this model") from None
+        raise UserError(
+            f"dense.checkpoint {str(path)!r} does not match model {recipe.model.name!r}: "
+            f"{one_line(exc)}; point it at a state dict of this model"
+        ) from None
 
 
 def regularizer_pulls(ctx: Context) -> list[tuple[str, float]]:
@@ -133,8 +140,12 @@ def regularizer_pulls(ctx: Context) -> list[tuple[str, float]]:
             method.attach(model, groups)
             pull = sparsity_pull(method, recipe.sparsity, ctx.steps_per_epoch)
         except Exception as exc:  # a plugin's bug: its cells fail and say why, the others run
-            log.warning("warning: could not estimate sparsity_pull of %s (%s: %s)", method_label(spec),
-                        type(exc).__name__, one_line(exc))
+            log.warning(
+                "warning: could not estimate sparsity_pull of %s (%s: %s)",
+                method_label(spec),
+                type(exc).__name__,
+                one_line(exc),
+            )
             continue
         if pull is not None:
             out.append((method_label(spec), pull))

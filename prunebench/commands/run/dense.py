@@ -77,15 +77,26 @@ def _train_dense(ctx: Context, model: nn.Module, seed: int, path: Path) -> None:
         log.info("seed %s: training the dense model (%s epochs, cached as %s)", seed, recipe.dense.epochs, path)
 
     def epoch_end(stats: EpochStats, opt: torch.optim.Optimizer) -> None:
-        TrainingCheckpoint("dense", key, 0, "dense", stats.epoch, stats.epoch + 1,
-                           optimizer=opt.state_dict()).save(model, partial)
+        TrainingCheckpoint("dense", key, 0, "dense", stats.epoch, stats.epoch + 1, optimizer=opt.state_dict()).save(
+            model, partial
+        )
 
     try:
-        train(model, ctx.batches_for(seed, "dense"), recipe.dense, opts=recipe.train, desc=f"dense s{seed}",
-              quiet=ctx.quiet, start_epoch=start.epoch + 1 if start else 0, optimizer=optimizer, on_epoch_end=epoch_end)
+        train(
+            model,
+            ctx.batches_for(seed, "dense"),
+            recipe.dense,
+            opts=recipe.train,
+            desc=f"dense s{seed}",
+            quiet=ctx.quiet,
+            start_epoch=start.epoch + 1 if start else 0,
+            optimizer=optimizer,
+            on_epoch_end=epoch_end,
+        )
     except DivergedError as exc:  # every cell of the seed would start from it: a recipe problem, not a cell's
-        raise UserError(f"dense training of seed {seed} diverged ({one_line(exc)}); lower dense.lr or add "
-                        "dense.warmup_epochs") from exc
+        raise UserError(
+            f"dense training of seed {seed} diverged ({one_line(exc)}); lower dense.lr or add dense.warmup_epochs"
+        ) from exc
     atomic_save({"state_dict": model.state_dict(), "key": key}, path)
     partial.unlink(missing_ok=True)
 
@@ -109,6 +120,11 @@ def dense_start(ctx: Context, seed: int) -> DenseStart:
         "params_dense": report.params,
         "_layers": report.per_layer,
     }
-    log.info("seed %s: dense test top-1 %.4f, %.1f M MACs, %.3f M params", seed, metrics["dense_test_top1"],
-             report.macs / 1e6, report.params / 1e6)
+    log.info(
+        "seed %s: dense test top-1 %.4f, %.1f M MACs, %.3f M params",
+        seed,
+        metrics["dense_test_top1"],
+        report.macs / 1e6,
+        report.params / 1e6,
+    )
     return DenseStart(dense, metrics)

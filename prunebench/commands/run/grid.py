@@ -46,8 +46,13 @@ def run_recipe(recipe: Recipe, *, quiet: bool = False, resume: bool = False) -> 
         log.info("nothing to resume for this recipe in experiment %r; starting a new run", recipe.experiment)
     results: list[CellResult] = []
     run_name = f"{recipe.name}-{time.strftime('%Y%m%d-%H%M%S')}"
-    with runs.parent_run(recipe.name, run_name, dump_recipe(recipe), recipe_key=rkey,
-                         run_id=previous.info.run_id if previous is not None else None) as parent:
+    with runs.parent_run(
+        recipe.name,
+        run_name,
+        dump_recipe(recipe),
+        recipe_key=rkey,
+        run_id=previous.info.run_id if previous is not None else None,
+    ) as parent:
         if previous is None:
             runs.log_text(json.dumps({"device": str(ctx.device), **ctx.data.split_sizes()}), schema.DATA_ARTIFACT)
         for seed in recipe.seed_list:
@@ -57,8 +62,17 @@ def run_recipe(recipe: Recipe, *, quiet: bool = False, resume: bool = False) -> 
                 key = cache.cell_key(rkey, spec, seed, target)
                 old = earlier.get(key)
                 if old is not None and old.info.status == "FINISHED":
-                    results.append(CellResult(label(spec), seed, target, old.info.run_id,
-                                              metrics=dict(old.data.metrics), skipped=True, control=spec == CONTROL))
+                    results.append(
+                        CellResult(
+                            label(spec),
+                            seed,
+                            target,
+                            old.info.run_id,
+                            metrics=dict(old.data.metrics),
+                            skipped=True,
+                            control=spec == CONTROL,
+                        )
+                    )
                     log.info("  %s s%s t%s: finished earlier (run %s)", label(spec), seed, target, old.info.run_id)
                     continue
                 start = start or dense_start(ctx, seed)

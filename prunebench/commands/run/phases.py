@@ -85,10 +85,25 @@ class CellCheckpoints:
         ck = TrainingCheckpoint.read(self.path)
         return ck if ck is not None and ck.kind == "cell" and ck.key == self.key and ck.run_id == self.run_id else None
 
-    def save(self, model: nn.Module, phase: int, stage: str, epoch: int, step: int,
-             optimizer: torch.optim.Optimizer | None = None) -> None:
-        TrainingCheckpoint("cell", self.key, phase, stage, epoch, step, self.run_id,
-                           optimizer=optimizer.state_dict() if optimizer is not None else None).save(model, self.path)
+    def save(
+        self,
+        model: nn.Module,
+        phase: int,
+        stage: str,
+        epoch: int,
+        step: int,
+        optimizer: torch.optim.Optimizer | None = None,
+    ) -> None:
+        TrainingCheckpoint(
+            "cell",
+            self.key,
+            phase,
+            stage,
+            epoch,
+            step,
+            self.run_id,
+            optimizer=optimizer.state_dict() if optimizer is not None else None,
+        ).save(model, self.path)
 
     def clear(self) -> None:
         shutil.rmtree(self.path.parent, ignore_errors=True)
@@ -103,9 +118,17 @@ def _resume_point(checkpoints: CellCheckpoints | None, phases: list[Phase]) -> T
     return start
 
 
-def train_and_prune(ctx: Context, dense: nn.Module, macs_dense: float, spec: dict[str, Any], seed: int, target: float,
-                    on_epoch: EpochHook | None = None, *,
-                    checkpoints: CellCheckpoints | None = None) -> tuple[nn.Module, dict[str, list[int]]]:
+def train_and_prune(
+    ctx: Context,
+    dense: nn.Module,
+    macs_dense: float,
+    spec: dict[str, Any],
+    seed: int,
+    target: float,
+    on_epoch: EpochHook | None = None,
+    *,
+    checkpoints: CellCheckpoints | None = None,
+) -> tuple[nn.Module, dict[str, list[int]]]:
     """Sparsity training, pruning to ``target`` and fine-tuning of one cell; returns the model and stage steps.
 
     Reads only the training and validation splits (``prunebench tune`` relies on that). With
@@ -155,12 +178,21 @@ def train_and_prune(ctx: Context, dense: nn.Module, macs_dense: float, spec: dic
         monitor = None
         if phase.stage == "sparsity" and phase.with_method and phase.sched.epochs:
             # the figures are relative to the start of the stage: the dense model, also when resuming
-            monitor = (SparsityMonitor.start_of_stage(method, phase.sched, steps) if not done_before
-                       else _dense_monitor(dense, dense_groups, spec, method, phase.sched, steps))
+            monitor = (
+                SparsityMonitor.start_of_stage(method, phase.sched, steps)
+                if not done_before
+                else _dense_monitor(dense, dense_groups, spec, method, phase.sched, steps)
+            )
 
-        def epoch_end(stats: EpochStats, opt: torch.optim.Optimizer, i: int = i, stage: str = phase.stage,
-                      first: int = first, monitor: SparsityMonitor | None = monitor,
-                      last: int = phase.sched.epochs - 1) -> None:
+        def epoch_end(
+            stats: EpochStats,
+            opt: torch.optim.Optimizer,
+            i: int = i,
+            stage: str = phase.stage,
+            first: int = first,
+            monitor: SparsityMonitor | None = monitor,
+            last: int = phase.sched.epochs - 1,
+        ) -> None:
             if monitor is not None:
                 stats.diagnostics.update(monitor.epoch_end(stats))
                 if stats.epoch == last:
@@ -171,14 +203,30 @@ def train_and_prune(ctx: Context, dense: nn.Module, macs_dense: float, spec: dic
                 if checkpoints is not None:
                     checkpoints.save(model, i, stage, stats.epoch, first + stats.epoch + 1, opt)
 
-        train(model, ctx.batches_for(seed, phase.stage), phase.sched, method=method if phase.with_method else None,
-              opts=recipe.train, desc=f"{where} {phase.stage}", quiet=ctx.quiet, start_epoch=begin,
-              optimizer=optimizer, val_fn=ctx.val_fn, on_epoch_end=epoch_end)
+        train(
+            model,
+            ctx.batches_for(seed, phase.stage),
+            phase.sched,
+            method=method if phase.with_method else None,
+            opts=recipe.train,
+            desc=f"{where} {phase.stage}",
+            quiet=ctx.quiet,
+            start_epoch=begin,
+            optimizer=optimizer,
+            val_fn=ctx.val_fn,
+            on_epoch_end=epoch_end,
+        )
     return model, stages
 
 
-def _dense_monitor(dense: nn.Module, dense_groups: list[PrunableGroup], spec: dict[str, Any], method: PruningMethod,
-                   sched: Schedule, steps: int) -> SparsityMonitor | None:
+def _dense_monitor(
+    dense: nn.Module,
+    dense_groups: list[PrunableGroup],
+    spec: dict[str, Any],
+    method: PruningMethod,
+    sched: Schedule,
+    steps: int,
+) -> SparsityMonitor | None:
     """A resumed cell's sparsity monitor: the start figures from the dense model, then watching ``method``."""
     probe = build_method(spec)
     probe.attach(dense, dense_groups)
@@ -188,8 +236,14 @@ def _dense_monitor(dense: nn.Module, dense_groups: list[PrunableGroup], spec: di
     return monitor
 
 
-def _cell_setup(ctx: Context, dense: nn.Module, method: PruningMethod, seed: int, start: TrainingCheckpoint | None,
-                checkpoints: CellCheckpoints | None) -> tuple[nn.Module, Calibration | None, list[PrunableGroup]]:
+def _cell_setup(
+    ctx: Context,
+    dense: nn.Module,
+    method: PruningMethod,
+    seed: int,
+    start: TrainingCheckpoint | None,
+    checkpoints: CellCheckpoints | None,
+) -> tuple[nn.Module, Calibration | None, list[PrunableGroup]]:
     """The cell's model -- a copy of ``dense``, or rebuilt from the checkpoint ``start`` -- with ``method``
     attached to its groups, the calibration images of a uniform (ThiNet-like) method, and the prunable
     groups of the dense model (their widths cap every pruning step; a resumed sparsity stage starts from them).
@@ -207,8 +261,11 @@ def _cell_setup(ctx: Context, dense: nn.Module, method: PruningMethod, seed: int
     prune = recipe.prune
     _, groups = build_groups(model, ctx.example, scope=prune.scope, ignored_layers=prune.ignored_layers)
     method.attach(model, groups)
-    dense_groups = groups if start is None else build_groups(dense, ctx.example, scope=prune.scope,
-                                                             ignored_layers=prune.ignored_layers)[1]
+    dense_groups = (
+        groups
+        if start is None
+        else build_groups(dense, ctx.example, scope=prune.scope, ignored_layers=prune.ignored_layers)[1]
+    )
     calib = None
     if method.calibrated:
         g = torch.Generator().manual_seed(seed)
@@ -220,12 +277,31 @@ def _cell_setup(ctx: Context, dense: nn.Module, method: PruningMethod, seed: int
     return model, calib, dense_groups
 
 
-def _prune_step(ctx: Context, model: nn.Module, method: PruningMethod, j: int, target: float, macs_dense: float,
-                calib: Calibration | None, where: str, widths: dict[str, int]) -> None:
+def _prune_step(
+    ctx: Context,
+    model: nn.Module,
+    method: PruningMethod,
+    j: int,
+    target: float,
+    macs_dense: float,
+    calib: Calibration | None,
+    where: str,
+    widths: dict[str, int],
+) -> None:
     """Pruning step ``j`` of ``k``: to ``target * j / k`` of the dense MACs (targets stay relative to dense)."""
     prune = ctx.recipe.prune
     k = prune.iterations
-    result = prune_to_target(model, method, target * j / k, ctx.example, reference_macs=macs_dense, scope=prune.scope,
-                             max_layer_ratio=prune.max_layer_ratio, ignored_layers=prune.ignored_layers, calib=calib,
-                             round_to=prune.round_to, dense_widths=widths)
+    result = prune_to_target(
+        model,
+        method,
+        target * j / k,
+        ctx.example,
+        reference_macs=macs_dense,
+        scope=prune.scope,
+        max_layer_ratio=prune.max_layer_ratio,
+        ignored_layers=prune.ignored_layers,
+        calib=calib,
+        round_to=prune.round_to,
+        dense_widths=widths,
+    )
     log.info("  %s: pruned step %s/%s -> %.3f fewer MACs (%.1f s)", where, j, k, result.macs_reduction, result.seconds)

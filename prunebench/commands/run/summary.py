@@ -29,7 +29,11 @@ class CellResult:
     control: bool = False  # a seed's dense control, not a cell of the grid
 
     def describe(self) -> str:
-        return f"{CONTROL_LABEL} seed {self.seed}" if self.control else f"{self.method} seed {self.seed} target {self.target}"
+        return (
+            f"{CONTROL_LABEL} seed {self.seed}"
+            if self.control
+            else f"{self.method} seed {self.seed} target {self.target}"
+        )
 
 
 @dataclass
@@ -60,13 +64,25 @@ def _row(c: CellResult) -> list[str]:
     if c.control:
         return [c.method, str(c.seed), "-", *figures, f"{0:.3f}", f"{m['params'] / 1e6:.3f}", "", "", note]
     zeroed = f"{m['sparsity_zero_frac']:.0%}" if "sparsity_zero_frac" in m else ""
-    return [c.method, str(c.seed), f"{c.target:.2f}", *figures, f"{m['macs_reduction']:.3f}",
-            f"{m['params'] / 1e6:.3f}", f"{m['speedup']:.2f}x", zeroed, note]
+    return [
+        c.method,
+        str(c.seed),
+        f"{c.target:.2f}",
+        *figures,
+        f"{m['macs_reduction']:.3f}",
+        f"{m['params'] / 1e6:.3f}",
+        f"{m['speedup']:.2f}x",
+        zeroed,
+        note,
+    ]
 
 
 def format_summary(summary: RunSummary) -> str:
     """The closing table of ``prunebench run`` (one line per cell), then where the runs are logged."""
-    table = tabulate([_row(c) for c in summary.cells], headers=[*_HEADERS, "note"], colalign=_ALIGN,
-                     disable_numparse=True)
-    return (f"{table}\n\nMLflow: {summary.tracking_uri}  experiment {summary.experiment!r}  parent run "
-            f"{summary.parent_run_id}\nCompare: prunebench compare --experiment {summary.experiment!r}")
+    table = tabulate(
+        [_row(c) for c in summary.cells], headers=[*_HEADERS, "note"], colalign=_ALIGN, disable_numparse=True
+    )
+    return (
+        f"{table}\n\nMLflow: {summary.tracking_uri}  experiment {summary.experiment!r}  parent run "
+        f"{summary.parent_run_id}\nCompare: prunebench compare --experiment {summary.experiment!r}"
+    )

@@ -39,9 +39,17 @@ class TuneOutcome:
         return 1 if self.missing else 0
 
 
-def tune_recipe(recipe: Recipe, cfg: TuneConfig, *, source: Path, overrides: Sequence[str] = (),
-                methods: list[str] | None = None, study: str | None = None, out: Path | None = None,
-                quiet: bool = False) -> TuneOutcome:
+def tune_recipe(
+    recipe: Recipe,
+    cfg: TuneConfig,
+    *,
+    source: Path,
+    overrides: Sequence[str] = (),
+    methods: list[str] | None = None,
+    study: str | None = None,
+    out: Path | None = None,
+    quiet: bool = False,
+) -> TuneOutcome:
     """Run (or resume) one study per tunable method of ``recipe`` (loaded from ``source`` with ``overrides``)
     and write the tuned recipe to ``out`` (default ``<recipe stem>.tuned.yaml``).
 
@@ -56,18 +64,35 @@ def tune_recipe(recipe: Recipe, cfg: TuneConfig, *, source: Path, overrides: Seq
     storage_url = cfg.storage or default_storage(uri)
     storage = open_storage(storage_url, cfg.heartbeat_interval)
     target = trial_target(recipe, cfg)
-    log.info("tuning %s on %s/%s: validation top-1 at %g%% fewer MACs, dense seed %d; storage %s",
-             ", ".join(t.label for t in tasks), recipe.model.name, recipe.data.name, 100 * target,
-             trial_seed(recipe, cfg), mask_url(storage_url))
+    log.info(
+        "tuning %s on %s/%s: validation top-1 at %g%% fewer MACs, dense seed %d; storage %s",
+        ", ".join(t.label for t in tasks),
+        recipe.model.name,
+        recipe.data.name,
+        100 * target,
+        trial_seed(recipe, cfg),
+        mask_url(storage_url),
+    )
     try:
         with handle_signals():
             setup = prepare(recipe, cfg, quiet=quiet)
-            derive_spaces(tasks, setup.dense, setup.ctx.example, setup.trecipe.sparsity, setup.trecipe.prune,
-                          setup.ctx.steps_per_epoch, cfg.pull_range)
+            derive_spaces(
+                tasks,
+                setup.dense,
+                setup.ctx.example,
+                setup.trecipe.sparsity,
+                setup.trecipe.prune,
+                setup.ctx.steps_per_epoch,
+                cfg.pull_range,
+            )
             results = [run_study(setup, storage, storage_url, t, cfg.trials, cfg.timeout) for t in tasks]
     except Interrupted as exc:
-        log.warning("\nprunebench: stopped by %s; finished trials are kept in %s and the interrupted one will be run "
-                    "again. Resume with the same command.", exc.signal_name, mask_url(storage_url))
+        log.warning(
+            "\nprunebench: stopped by %s; finished trials are kept in %s and the interrupted one will be run "
+            "again. Resume with the same command.",
+            exc.signal_name,
+            mask_url(storage_url),
+        )
         raise
     if setup.test_reads:  # the contract of train_and_prune; a regression must not go unnoticed
         raise RuntimeError(f"tuning read the test split {setup.test_reads} times; this is a bug")
@@ -84,11 +109,15 @@ def tune_recipe(recipe: Recipe, cfg: TuneConfig, *, source: Path, overrides: Seq
 
     still = still_searched(data)
     if still:
-        log.warning("warning: %s still a search space (no completed trial); `prunebench run` refuses the tuned "
-                    "recipe until those are tuned or given values", ", ".join(still))
+        log.warning(
+            "warning: %s still a search space (no completed trial); `prunebench run` refuses the tuned "
+            "recipe until those are tuned or given values",
+            ", ".join(still),
+        )
     log.info("next: prunebench run %s  then  prunebench compare --experiment %r", out, recipe.experiment)
-    log.info("MLflow: %s  experiment %r  (study runs: tag %s=%s)", uri, recipe.experiment, schema.KIND_TAG,
-             schema.STUDY_KIND)
+    log.info(
+        "MLflow: %s  experiment %r  (study runs: tag %s=%s)", uri, recipe.experiment, schema.KIND_TAG, schema.STUDY_KIND
+    )
     missing = [r.task.label for r in results if r.best_params is None]
     if missing:
         log.warning("no completed trial for %s: left as written in the tuned recipe", ", ".join(missing))

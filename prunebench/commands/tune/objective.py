@@ -68,15 +68,23 @@ def prepare(recipe: Recipe, cfg: TuneConfig, *, quiet: bool) -> TrialSetup:
     ctx = Context(trecipe, quiet)
     preflight(ctx)
     if ctx.data.split_sizes().get("val", 0) == 0:
-        raise UserError(f"{getattr(recipe, '_source', 'recipe')}: data.val_split is 0: tuning scores trials on the "
-                        "validation split and never on test; set data.val_split (e.g. 0.1)")
+        raise UserError(
+            f"{getattr(recipe, '_source', 'recipe')}: data.val_split is 0: tuning scores trials on the "
+            "validation split and never on test; set data.val_split (e.g. 0.1)"
+        )
     seed = trial_seed(recipe, cfg)
     dense = dense_model(ctx, seed)
     r = trecipe
     sparsity_epochs = r.sparsity.epochs
     return TrialSetup(
-        recipe=recipe, cfg=cfg, trecipe=trecipe, ctx=ctx, dense=dense,
-        macs_dense=count_macs(dense, ctx.example).macs, seed=seed, target=trial_target(recipe, cfg),
+        recipe=recipe,
+        cfg=cfg,
+        trecipe=trecipe,
+        ctx=ctx,
+        dense=dense,
+        macs_dense=count_macs(dense, ctx.example).macs,
+        seed=seed,
+        target=trial_target(recipe, cfg),
         total_epochs=sparsity_epochs + (r.prune.iterations - 1) * r.prune.epochs_between + r.finetune.epochs,
         warmup=cfg.pruner_warmup_epochs if cfg.pruner_warmup_epochs is not None else sparsity_epochs,
         worker=f"{socket.gethostname()}:{os.getpid()}",
@@ -105,23 +113,49 @@ def make_objective(setup: TrialSetup, task: TuneTask) -> Callable[[optuna.Trial]
                 trial.set_user_attr("sparsity_zero_frac", stats.diagnostics["sparsity_zero_frac"])
             trial.report(stats.val_top1, step)
             if trial.should_prune():
-                raise optuna.TrialPruned(f"stopped by the {setup.cfg.pruner} pruner after epoch {step + 1} "
-                                         f"({stage}, val_top1 {stats.val_top1:.4f})")
+                raise optuna.TrialPruned(
+                    f"stopped by the {setup.cfg.pruner} pruner after epoch {step + 1} "
+                    f"({stage}, val_top1 {stats.val_top1:.4f})"
+                )
 
         try:
             with tracked_run(f"{task.study}-trial{trial.number}", nested=True, stopped=_pruned) as run:
                 trial.set_user_attr("mlflow_run_id", run.info.run_id)
                 state = "FAIL"
                 try:
-                    runs.set_tags({schema.KIND_TAG: schema.TRIAL_KIND, schema.RECIPE_TAG: recipe.name,
-                                   schema.STUDY_TAG: task.study, schema.TRIAL_NUMBER_TAG: str(trial.number)})
-                    store.retry(mlflow.log_params, {
-                        **dict(zip(schema.TRIAL_PARAMS, (task.name, method_label(spec), setup.seed, setup.target,
-                                                         recipe.model.name, recipe.data.name, task.study,
-                                                         trial.number), strict=True)),
-                        **{f"{schema.METHOD_PARAM_PREFIX}{k}": v for k, v in spec.items() if k != "name"}})
-                    model, _ = train_and_prune(setup.ctx, setup.dense, setup.macs_dense, spec, setup.seed,
-                                               setup.target, on_epoch=on_epoch)
+                    runs.set_tags(
+                        {
+                            schema.KIND_TAG: schema.TRIAL_KIND,
+                            schema.RECIPE_TAG: recipe.name,
+                            schema.STUDY_TAG: task.study,
+                            schema.TRIAL_NUMBER_TAG: str(trial.number),
+                        }
+                    )
+                    store.retry(
+                        mlflow.log_params,
+                        {
+                            **dict(
+                                zip(
+                                    schema.TRIAL_PARAMS,
+                                    (
+                                        task.name,
+                                        method_label(spec),
+                                        setup.seed,
+                                        setup.target,
+                                        recipe.model.name,
+                                        recipe.data.name,
+                                        task.study,
+                                        trial.number,
+                                    ),
+                                    strict=True,
+                                )
+                            ),
+                            **{f"{schema.METHOD_PARAM_PREFIX}{k}": v for k, v in spec.items() if k != "name"},
+                        },
+                    )
+                    model, _ = train_and_prune(
+                        setup.ctx, setup.dense, setup.macs_dense, spec, setup.seed, setup.target, on_epoch=on_epoch
+                    )
                     value = setup.ctx.val_fn(model)
                     macs = count_macs(model, setup.ctx.example).macs
                     reduction = 1 - macs / setup.macs_dense

@@ -66,9 +66,15 @@ def summarize_study(study: Any, task: TuneTask, run_id: str | None = None) -> St
     """The study's trial counts (all workers, all invocations) and its best trial."""
     trials = study.get_trials(deepcopy=False)
     kinds = [trial_kind(t) for t in trials]
-    result = StudyResult(task, {k: kinds.count(k) for k in KINDS},
-                         sum(str(t.user_attrs.get("failure", "")).startswith("diverged") for t in trials),
-                         None, None, None, run_id)
+    result = StudyResult(
+        task,
+        {k: kinds.count(k) for k in KINDS},
+        sum(str(t.user_attrs.get("failure", "")).startswith("diverged") for t in trials),
+        None,
+        None,
+        None,
+        run_id,
+    )
     best = best_trial(study)
     if best is not None:
         result.best_params, result.best_value, result.best_number = dict(best.params), best.value, best.number
@@ -87,21 +93,41 @@ def format_summary(results: list[StudyResult]) -> str:
     rows = []
     for r in results:
         c = r.counts
-        rows.append([r.task.label, r.n_trials, c["COMPLETE"], c["PRUNED"], r.diverged, c["FAIL"],
-                     c["RUNNING"] + c["WAITING"], format_params(r.best_params),
-                     f"{r.best_value:.4f}" if r.best_value is not None else "-",
-                     f"{r.best_zero_frac:.0%}" if r.best_zero_frac is not None else "-"])
+        rows.append(
+            [
+                r.task.label,
+                r.n_trials,
+                c["COMPLETE"],
+                c["PRUNED"],
+                r.diverged,
+                c["FAIL"],
+                c["RUNNING"] + c["WAITING"],
+                format_params(r.best_params),
+                f"{r.best_value:.4f}" if r.best_value is not None else "-",
+                f"{r.best_zero_frac:.0%}" if r.best_zero_frac is not None else "-",
+            ]
+        )
     head = ["method", "trials", "complete", "pruned", "(diverged)", "failed", "running", "best", "val_top1", "zeroed"]
-    notes = [f"{r.task.label}: +{r.counts['INTERRUPTED']} interrupted, not counted (the next run replaces them)"
-             for r in results if r.counts["INTERRUPTED"]]
+    notes = [
+        f"{r.task.label}: +{r.counts['INTERRUPTED']} interrupted, not counted (the next run replaces them)"
+        for r in results
+        if r.counts["INTERRUPTED"]
+    ]
     return "\n".join([tabulate(rows, headers=head, disable_numparse=True), *notes])
 
 
 def log_study(study: Any, result: StudyResult) -> None:
     """The active (study) run's counts, best parameters, ``trials.csv`` and plots."""
     c = result.counts
-    runs.log_final(dict(zip(schema.STUDY_METRICS, (result.n_trials, c["COMPLETE"], c["PRUNED"], c["FAIL"],
-                                                   result.diverged, result.best_value), strict=True)))
+    runs.log_final(
+        dict(
+            zip(
+                schema.STUDY_METRICS,
+                (result.n_trials, c["COMPLETE"], c["PRUNED"], c["FAIL"], result.diverged, result.best_value),
+                strict=True,
+            )
+        )
+    )
     if result.best_params is not None:
         store.retry(mlflow.log_params, {f"{schema.BEST_PARAM_PREFIX}{k}": v for k, v in result.best_params.items()})
         runs.set_tags({schema.BEST_PARAMS_TAG: json.dumps(result.best_params)})

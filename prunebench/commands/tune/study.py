@@ -59,15 +59,19 @@ def open_storage(url: str, heartbeat_interval: int | None) -> Any:
     if url.startswith("sqlite:///"):
         folder = Path(url.removeprefix("sqlite:///")).parent
         if not folder.is_dir() or not os.access(folder, os.W_OK):
-            raise UserError(f"storage {url!r}: folder {str(folder)!r} does not exist or is not writable; "
-                            "fix tune.storage or --storage")
+            raise UserError(
+                f"storage {url!r}: folder {str(folder)!r} does not exist or is not writable; "
+                "fix tune.storage or --storage"
+            )
     try:
         with sqlite_lock(url), warnings.catch_warnings():
             warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
             return optuna.storages.RDBStorage(url, engine_kwargs=engine_kwargs, heartbeat_interval=heartbeat_interval)
     except Exception as exc:  # bad scheme, missing driver, unreachable server, locked file...
-        raise UserError(f"storage {mask_url(url)!r} cannot be used ({one_line(exc)}); fix tune.storage / --storage "
-                        "(any SQLAlchemy URL Optuna accepts; PostgreSQL needs `pip install psycopg2-binary`)") from None
+        raise UserError(
+            f"storage {mask_url(url)!r} cannot be used ({one_line(exc)}); fix tune.storage / --storage "
+            "(any SQLAlchemy URL Optuna accepts; PostgreSQL needs `pip install psycopg2-binary`)"
+        ) from None
 
 
 class TrialSeededSampler(optuna.samplers.BaseSampler):
@@ -110,8 +114,9 @@ def make_sampler(cfg: TuneConfig) -> TrialSeededSampler:
         return TrialSeededSampler(lambda s: optuna.samplers.RandomSampler(seed=s), cfg.sampler_seed)
     startup = cfg.startup_trials if cfg.startup_trials is not None else min(10, max(1, cfg.trials // 3))
     # constant_liar: a worker treats the others' running trials as poor, so workers spread out
-    return TrialSeededSampler(lambda s: optuna.samplers.TPESampler(seed=s, n_startup_trials=startup,
-                                                                   constant_liar=True), cfg.sampler_seed)
+    return TrialSeededSampler(
+        lambda s: optuna.samplers.TPESampler(seed=s, n_startup_trials=startup, constant_liar=True), cfg.sampler_seed
+    )
 
 
 def make_pruner(cfg: TuneConfig, warmup: int, total_epochs: int) -> Any:
@@ -129,39 +134,77 @@ def load_study(setup: TrialSetup, storage: Any, storage_url: str, task: TuneTask
     cfg = setup.cfg
     try:
         with sqlite_lock(storage_url):
-            study = optuna.create_study(storage=storage, study_name=task.study, direction="maximize",
-                                        sampler=make_sampler(cfg),
-                                        pruner=make_pruner(cfg, setup.warmup, setup.total_epochs),
-                                        load_if_exists=True)
+            study = optuna.create_study(
+                storage=storage,
+                study_name=task.study,
+                direction="maximize",
+                sampler=make_sampler(cfg),
+                pruner=make_pruner(cfg, setup.warmup, setup.total_epochs),
+                load_if_exists=True,
+            )
     except ValueError as exc:  # e.g. an existing study with another direction
         raise UserError(f"study {task.study!r} in {mask_url(storage_url)}: {exc}; pick another --study") from None
     study.set_user_attr("objective", f"{cfg.objective} at {100 * setup.target:g}% fewer MACs")
     return study
 
 
-def run_study(setup: TrialSetup, storage: Any, storage_url: str, task: TuneTask, total: int,
-              timeout: float | None) -> StudyResult:
+def run_study(
+    setup: TrialSetup, storage: Any, storage_url: str, task: TuneTask, total: int, timeout: float | None
+) -> StudyResult:
     """Top the study up to ``total`` trials (starting none after ``timeout`` seconds) in one MLflow study run."""
     study = load_study(setup, storage, storage_url, task)
     have = counted_trials(study)
     if have >= total:  # nothing to do: no empty study run in MLflow
-        log.info("%s: study %r already has %d trials (asked for %d); raise --trials to add more", task.label,
-                 task.study, have, total)
+        log.info(
+            "%s: study %r already has %d trials (asked for %d); raise --trials to add more",
+            task.label,
+            task.study,
+            have,
+            total,
+        )
         return summarize_study(study, task)
     recipe, trecipe, cfg = setup.recipe, setup.trecipe, setup.cfg
     with tracked_run(f"{task.study}-{time.strftime('%Y%m%d-%H%M%S')}") as run:
-        runs.set_tags({schema.KIND_TAG: schema.STUDY_KIND, schema.RECIPE_TAG: recipe.name,
-                       schema.STUDY_TAG: task.study, **runs.environment_tags()})
-        values = (task.study, mask_url(storage_url), task.name, task.label, cfg.objective, setup.target, setup.seed,
-                  total, cfg.sampler, cfg.pruner, trecipe.sparsity.epochs, trecipe.finetune.epochs,
-                  recipe.model.name, recipe.data.name)
-        store.retry(mlflow.log_params, {
-            **dict(zip(schema.STUDY_PARAMS, values, strict=True)),
-            **{f"{schema.METHOD_PARAM_PREFIX}{k}": v for k, v in task.fixed.items()},
-            **{f"{schema.SPACE_PARAM_PREFIX}{k}": describe_space(s) for k, s in task.spaces.items()},
-        })
-        log.info("%s: study %r (%d trials so far, topping up to %d); %s", task.label, task.study, have, total,
-                 ", ".join(f"{k} ~ {describe_space(s)}" for k, s in task.spaces.items()))
+        runs.set_tags(
+            {
+                schema.KIND_TAG: schema.STUDY_KIND,
+                schema.RECIPE_TAG: recipe.name,
+                schema.STUDY_TAG: task.study,
+                **runs.environment_tags(),
+            }
+        )
+        values = (
+            task.study,
+            mask_url(storage_url),
+            task.name,
+            task.label,
+            cfg.objective,
+            setup.target,
+            setup.seed,
+            total,
+            cfg.sampler,
+            cfg.pruner,
+            trecipe.sparsity.epochs,
+            trecipe.finetune.epochs,
+            recipe.model.name,
+            recipe.data.name,
+        )
+        store.retry(
+            mlflow.log_params,
+            {
+                **dict(zip(schema.STUDY_PARAMS, values, strict=True)),
+                **{f"{schema.METHOD_PARAM_PREFIX}{k}": v for k, v in task.fixed.items()},
+                **{f"{schema.SPACE_PARAM_PREFIX}{k}": describe_space(s) for k, s in task.spaces.items()},
+            },
+        )
+        log.info(
+            "%s: study %r (%d trials so far, topping up to %d); %s",
+            task.label,
+            task.study,
+            have,
+            total,
+            ", ".join(f"{k} ~ {describe_space(s)}" for k, s in task.spaces.items()),
+        )
         deadline = time.monotonic() + timeout if timeout else math.inf
         objective = make_objective(setup, task)
         while time.monotonic() < deadline:

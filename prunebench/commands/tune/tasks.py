@@ -16,9 +16,9 @@ from torch import nn
 
 from prunebench.errors import UserError
 from prunebench.groups import build_groups
-from prunebench.recipe import (PruneConfig, Recipe, SearchSpace, SparsityConfig, TuneConfig, is_search_space,
-                               method_label, parse_search_space)
+from prunebench.recipe import PruneConfig, Recipe, SparsityConfig, TuneConfig, method_label
 from prunebench.registry import build_method, get_method
+from prunebench.spaces import SearchSpace, is_search_space, parse_search_space
 from prunebench.sparsity import lambda_for_pull
 
 log = logging.getLogger(__name__)
@@ -63,8 +63,9 @@ def default_spaces(name: str) -> dict[str, SearchSpace]:
     return spaces
 
 
-def plan_tasks(recipe: Recipe, cfg: TuneConfig, methods: list[str] | None, study: str | None, *,
-               announce: bool = True) -> list[TuneTask]:
+def plan_tasks(
+    recipe: Recipe, cfg: TuneConfig, methods: list[str] | None, study: str | None, *, announce: bool = True
+) -> list[TuneTask]:
     """The studies of an invocation: every methods entry with a searched parameter (optionally filtered).
 
     A parameter is searched when the entry writes it as a space, when ``tune.spaces.<method>`` names it
@@ -83,16 +84,20 @@ def plan_tasks(recipe: Recipe, cfg: TuneConfig, methods: list[str] | None, study
     if methods:
         unknown = [m for m in methods if m not in names]
         if unknown:
-            raise UserError(f"--methods: {', '.join(unknown)} not in the recipe's methods ({', '.join(names)}); "
-                            "pick from those")
+            raise UserError(
+                f"--methods: {', '.join(unknown)} not in the recipe's methods ({', '.join(names)}); pick from those"
+            )
     tasks: list[TuneTask] = []
     for i, entry in enumerate(recipe.methods):
         name = entry["name"]
         if methods and name not in methods:
             continue
         fixed = {k: v for k, v in entry.items() if k != "name" and not is_search_space(v)}
-        spaces = {**default_spaces(name), **{k: parse_search_space(v) for k, v in entry.items() if is_search_space(v)},
-                  **cfg.spaces.get(name, {})}
+        spaces = {
+            **default_spaces(name),
+            **{k: parse_search_space(v) for k, v in entry.items() if is_search_space(v)},
+            **cfg.spaces.get(name, {}),
+        }
         for key in spaces:
             fixed.pop(key, None)
         if not spaces:
@@ -107,11 +112,15 @@ def plan_tasks(recipe: Recipe, cfg: TuneConfig, methods: list[str] | None, study
                 build_method({**base, key: value}, where=f"{src}: tune.spaces.{name}")
         tasks.append(TuneTask(i, name, fixed, spaces, "", derived))
     if not tasks:
-        raise UserError(f"{src}: nothing to tune: no method in {', '.join(methods or names)} has a search space or a "
-                        "lambda; add tune.spaces.<method>.<param>: {low: ..., high: ..., log: true}")
+        raise UserError(
+            f"{src}: nothing to tune: no method in {', '.join(methods or names)} has a search space or a "
+            "lambda; add tune.spaces.<method>.<param>: {low: ..., high: ..., log: true}"
+        )
     if any(t.derived for t in tasks) and trial_recipe(recipe, cfg).sparsity.epochs == 0:
-        raise UserError(f"{src}: the trials' sparsity stage has no epochs (sparsity.epochs or tune.sparsity_epochs "
-                        "is 0), so no lambda can act; give the stage epochs or write the lambda spaces yourself")
+        raise UserError(
+            f"{src}: the trials' sparsity stage has no epochs (sparsity.epochs or tune.sparsity_epochs "
+            "is 0), so no lambda can act; give the stage epochs or write the lambda spaces yourself"
+        )
     _name_studies(tasks, study or cfg.study, recipe.name, unique=len({t.name for t in tasks}) == len(tasks))
     return tasks
 
@@ -167,8 +176,15 @@ def describe_space(space: SearchSpace) -> str:
     return f"{kind}[{space.low:g}, {space.high:g}]" + (f" step {space.step:g}" if space.step else "")
 
 
-def derive_spaces(tasks: list[TuneTask], dense: nn.Module, example: Any, sparsity: SparsityConfig,
-                  prune: PruneConfig, steps_per_epoch: int, pull_range: tuple[float, float]) -> None:
+def derive_spaces(
+    tasks: list[TuneTask],
+    dense: nn.Module,
+    example: Any,
+    sparsity: SparsityConfig,
+    prune: PruneConfig,
+    steps_per_epoch: int,
+    pull_range: tuple[float, float],
+) -> None:
     """Replace each derived ``lambda`` space by the range where the trials' ``sparsity`` stage reaches
     ``pull_range`` (``tune.pull_range``, default: ``sparsity_pull`` 0.5 to 16) on the ``dense`` model the trials
     start from: from where the regularizer starts to act up to well past zeroing the median group. A range
@@ -179,8 +195,11 @@ def derive_spaces(tasks: list[TuneTask], dense: nn.Module, example: Any, sparsit
     _, groups = build_groups(dense, example, scope=prune.scope, ignored_layers=prune.ignored_layers)
     for t in todo:
         if set(t.spaces) - {"lambda"}:  # e.g. a searched mode changes the pull per lambda: no one range fits
-            log.info("%s: lambda keeps the range %s (other parameters are searched too); give it a space to choose "
-                     "another", t.label, describe_space(t.spaces["lambda"]))
+            log.info(
+                "%s: lambda keeps the range %s (other parameters are searched too); give it a space to choose another",
+                t.label,
+                describe_space(t.spaces["lambda"]),
+            )
             continue
         unit = build_method({**t.spec({}), "lambda": 1.0})
         unit.attach(dense, groups)
@@ -188,8 +207,10 @@ def derive_spaces(tasks: list[TuneTask], dense: nn.Module, example: Any, sparsit
             continue
         ends = [lambda_for_pull(unit, sparsity, steps_per_epoch, p) for p in pull_range]
         if ends[0] is None or ends[1] is None:
-            raise UserError(f"{t.label}: the trials' sparsity stage has no steps (tune.sparsity_epochs or "
-                            "sparsity.epochs is 0), so lambda cannot act; give the stage epochs")
+            raise UserError(
+                f"{t.label}: the trials' sparsity stage has no steps (tune.sparsity_epochs or "
+                "sparsity.epochs is 0), so lambda cannot act; give the stage epochs"
+            )
         space = SearchSpace(low=float(f"{ends[0]:.3g}"), high=float(f"{ends[1]:.3g}"), log=True)
         for value in space.ends:  # the method's own bounds on lambda still apply
             build_method(t.spec({"lambda": value}), where=f"tune: the lambda range derived for {t.label}")
