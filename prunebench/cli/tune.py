@@ -9,12 +9,12 @@ from __future__ import annotations
 import argparse
 import logging
 from pathlib import Path
-
-from pydantic import ValidationError
+from typing import TYPE_CHECKING
 
 from prunebench.errors import UserError
-from prunebench.recipe import Recipe, TuneConfig
-from prunebench.registry import load_recipe
+
+if TYPE_CHECKING:
+    from prunebench.recipe import Recipe, TuneConfig
 
 log = logging.getLogger(__name__)
 
@@ -88,6 +88,10 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
 
 def tune_config(recipe: Recipe, args: argparse.Namespace) -> TuneConfig:
     """The recipe's ``tune:`` section (defaults when it has none) with the command-line options applied."""
+    from pydantic import ValidationError
+
+    from prunebench.recipe import TuneConfig
+
     cli = {"trials": args.trials, "timeout": args.timeout, "storage": args.storage}
     base = (recipe.tune or TuneConfig()).model_dump()
     try:
@@ -100,6 +104,7 @@ def tune_config(recipe: Recipe, args: argparse.Namespace) -> TuneConfig:
 def run(args: argparse.Namespace) -> int:
     """0, 1 when a study ends without any completed trial, 130/143 when interrupted (resume: the same command)."""
     from prunebench.commands.tune import format_summary, tune_recipe
+    from prunebench.registry import load_recipe
     from prunebench.signals import Interrupted
 
     source = Path(args.recipe)
