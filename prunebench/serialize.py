@@ -7,7 +7,7 @@ stores every module's ``__dict__`` -- submodules included -- so reading it back 
 values: the state dict plus, per module, its plain instance attributes (ints, floats, strings, bools and
 tuples or lists of them). :func:`load_pruned` rebuilds the dense model from its constructor (the
 caller's job), writes the attributes back, resizes every parameter and buffer to the saved shape and
-loads the weights with ``torch.load(..., weights_only=True)``.
+loads the weights with :func:`prunebench.files.load_torch` (``weights_only=True``).
 """
 
 from __future__ import annotations
@@ -19,6 +19,7 @@ import torch
 from torch import nn
 
 from prunebench.errors import UserError
+from prunebench.files import atomic_save, load_torch
 
 FORMAT = "prunebench.pruned/1"
 _PLAIN = (int, float, bool, str, type(None))
@@ -35,13 +36,13 @@ def pruned_payload(model: nn.Module) -> dict[str, Any]:
 
 def save_pruned(model: nn.Module, path: str | Path) -> None:
     """Write ``model``'s weights and per-module shape attributes to ``path`` (no pickled classes)."""
-    torch.save(pruned_payload(model), Path(path))
+    atomic_save(pruned_payload(model), path)
 
 
 def load_pruned(path: str | Path, dense_model: nn.Module) -> nn.Module:
     """Reshape ``dense_model`` (a fresh instance of the architecture that was pruned) into the saved
     pruned model and load its weights; returns ``dense_model``, changed in place."""
-    payload = torch.load(Path(path), map_location="cpu", weights_only=True)
+    payload = load_torch(path)
     if not isinstance(payload, dict) or payload.get("format") != FORMAT:
         raise UserError(
             f"{path} is not a pruned model saved by prunebench (no {FORMAT!r} payload); pass a file written by save_pruned"

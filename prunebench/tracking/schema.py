@@ -9,7 +9,7 @@ DEFAULT_URI = "sqlite:///mlflow.db"
 # -- tags --------------------------------------------------------------------------------------------
 KIND_TAG = "prunebench.kind"  # one of KINDS
 RECIPE_TAG = "prunebench.recipe"  # the recipe's name
-STAGES_TAG = "prunebench.stage_epochs"  # JSON: stage -> [first step, last step]
+STAGES_TAG = "prunebench.stage_epochs"  # JSON: stage -> [first step, end step) (end exclusive)
 RECIPE_KEY_TAG = "prunebench.recipe_key"  # hash of the resolved recipe (``--resume`` finds its parent by it)
 CELL_KEY_TAG = "prunebench.cell_key"  # hash of one cell (a retried cell reopens its run by it)
 ERROR_TAG = "prunebench.error"  # "<ExceptionType>: message" of a FAILED run
