@@ -7,6 +7,7 @@ flatten), so they do not depend on ``build_groups``; the network tests use the s
 from __future__ import annotations
 
 import copy
+import logging
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -14,14 +15,26 @@ from dataclasses import dataclass
 import pytest
 import timm
 import torch
+import torch.nn.functional as F
+from timm.layers import Conv2dSame, MixedConv2d, StdConv2d, create_conv2d
+from timm.layers.conv2d_same import Conv2dSameExport
 from torch import Tensor, nn
 
 import prunebench.models  # noqa: F401  (registers the CIFAR models into timm)
 from prunebench.engine import prune_to_target
 from prunebench.errors import UserError
-from prunebench.groups import GroupMember, PrunableGroup
+from prunebench.groups import GroupMember, PrunableGroup, build_groups
 from prunebench.method import Calibration
-from prunebench.methods.thinet import ThiNet, ThiNetParams, greedy_removal, least_squares_scale, row_quota
+from prunebench.methods.thinet import (
+    ThiNet,
+    ThiNetParams,
+    _candidates,
+    collect_terms,
+    conv_terms,
+    greedy_removal,
+    least_squares_scale,
+    row_quota,
+)
 from prunebench.registry import build_method, get_method
 
 pytestmark = pytest.mark.unit
@@ -343,3 +356,195 @@ def test_resnet56_selection_plans_every_group() -> None:
     assert len(method.groups) == 27
     plan = result.timings["plan"]
     print(f"\nthinet resnet56_cifar -> 50% MACs: selection (plan) {plan:.2f} s, whole prune {seconds:.2f} s")
+
+
+# -- padding: the sampled terms are the consumer's own output -------------------------------------------
+def assert_terms_reproduce(conv: nn.Module, x: Tensor, points_per_image: int = 64) -> None:
+    """The per-in-channel terms at sampled points sum to the module's own forward there (bias aside)."""
+    with torch.no_grad():
+        y = conv(x)
+        img = torch.arange(x.shape[0]).repeat_interleave(points_per_image)
+        got = conv_terms(conv, x, y, img, torch.Generator().manual_seed(0))
+    assert got is not None
+    terms, target = got
+    assert terms.shape == (img.numel(), conv.in_channels)
+    assert torch.allclose(terms.sum(1), target, rtol=1e-4, atol=1e-5)
+
+
+@pytest.mark.parametrize("side", [7, 8], ids=["odd", "even"])
+@pytest.mark.parametrize("stride", [1, 2])
+@pytest.mark.parametrize("kernel", [3, 4])
+@pytest.mark.parametrize("dilation", [1, 2])
+def test_conv2d_same_terms_equal_its_forward(side: int, stride: int, kernel: int, dilation: int) -> None:
+    """timm's Conv2dSame pads inside forward, asymmetrically, from the input size (tf_* models)."""
+    torch.manual_seed(0)
+    conv = Conv2dSame(5, 4, kernel, stride=stride, dilation=dilation, bias=True)
+    assert_terms_reproduce(conv, torch.randn(2, 5, side, side + 3))  # odd and even sides in one input
+
+
+@pytest.mark.parametrize("side", [7, 8], ids=["odd", "even"])
+@pytest.mark.parametrize("stride", [1, 2])
+def test_timm_create_conv2d_terms_equal_its_forward(side: int, stride: int) -> None:
+    """Every padding create_conv2d hands out: tf 'same' (dynamic or static), pytorch-style '' and 'valid',
+    and the export variant of Conv2dSame that builds a ZeroPad2d in its first forward."""
+    torch.manual_seed(0)
+    x = torch.randn(2, 6, side, side)
+    for padding in ("same", "", "valid"):
+        for k in (1, 3, 5):
+            assert_terms_reproduce(create_conv2d(6, 4, k, stride=stride, padding=padding, bias=True), x)
+    assert_terms_reproduce(Conv2dSameExport(6, 4, 3, stride=stride), x)
+
+
+@pytest.mark.filterwarnings("ignore:Using padding='same' with even kernel")
+@pytest.mark.parametrize("mode", ["zeros", "reflect", "replicate", "circular"])
+def test_padding_modes_and_torch_same_terms_equal_the_forward(mode: str) -> None:
+    torch.manual_seed(0)
+    x = torch.randn(2, 5, 7, 8)
+    assert_terms_reproduce(nn.Conv2d(5, 4, 3, stride=2, padding=(2, 1), padding_mode=mode), x)
+    assert_terms_reproduce(nn.Conv2d(5, 4, 4, padding="same", dilation=(1, 2), padding_mode=mode), x)
+
+
+def same_case(side: int, stride: int, seed: int = 0) -> Case:
+    """``conv_case`` with a timm Conv2dSame(8->6, k=3) consumer of the given stride, on inputs of ``side``."""
+    case = conv_case(seed)
+    torch.manual_seed(seed)
+    case.model[3] = Conv2dSame(8, 6, 3, stride=stride, bias=True)
+    m = case.group.members[2]
+    case.group.members[2] = GroupMember(m.name, case.model[3], "in", m.idxs)
+    case.consumer = case.model[3]
+    return case
+
+
+@pytest.mark.parametrize("side", [7, 8], ids=["odd", "even"])
+@pytest.mark.parametrize("stride", [1, 2])
+def test_select_through_a_conv2d_same_consumer(side: int, stride: int, caplog: pytest.LogCaptureFixture) -> None:
+    """The whole path with a dynamically padded consumer: terms used (no fallback, no warning), the greedy
+    finds the channels the consumer barely reads, and least squares still rewrites the consumer."""
+    case = same_case(side, stride)
+    answer = torch.tensor([0, 3, 5])
+    with torch.no_grad():
+        case.consumer.weight[:, answer] *= 1e-3
+    before = case.consumer.weight.clone()
+    with caplog.at_level(logging.WARNING, logger="prunebench.methods.thinet"):
+        remove = run_select(case, 3, side, seed=0)
+    assert remove is not None and sorted(remove.tolist()) == answer.tolist()
+    assert not caplog.records
+    assert not torch.equal(case.consumer.weight, before)
+
+
+def test_mixed_conv2d_children_are_ordinary_consumers() -> None:
+    """MixnNet's MixedConv2d splits its input among convs of different kernels ('same' padding: Conv2dSame
+    where stride 2 makes it dynamic). A group feeding one split is judged by that child, in its own
+    (local) in-channel indices; the child's sampled terms equal its forward."""
+    torch.manual_seed(0)
+    mixed = MixedConv2d(8, 6, [3, 5], stride=2, padding="same")
+    assert isinstance(mixed["1"], Conv2dSame)
+    model = nn.Sequential(nn.Conv2d(3, 8, 3, padding=1), nn.BatchNorm2d(8), nn.ReLU(), mixed).eval()
+    x = torch.randn(2, 3, 8, 8)
+    with torch.no_grad():
+        split = model[:3](x)[:, 4:]
+    assert_terms_reproduce(mixed["1"], split)
+
+    own, local = torch.arange(4, 8)[:, None], torch.arange(4)[:, None]  # producer channels 4-7 = child 1's 0-3
+    group = PrunableGroup(
+        "0",
+        model[0],
+        4,
+        [
+            GroupMember("0", model[0], "out", own),
+            GroupMember("1", model[1], "out", own),
+            GroupMember("3.1", mixed["1"], "in", local),
+        ],
+    )
+    with torch.no_grad():
+        mixed["1"].weight[:, [1, 2]] *= 1e-3  # producer channels 5 and 6 barely matter
+    before0, before1 = mixed["0"].weight.clone(), mixed["1"].weight.clone()
+    remove = ThiNet(ThiNetParams(seed=0)).select(group, 2, Calibration(model, batches(8, 2, seed=1)))
+    assert remove is not None and sorted(remove.tolist()) == [1, 2]
+    assert torch.equal(mixed["0"].weight, before0) and not torch.equal(mixed["1"].weight, before1)
+
+
+class _OddPadConv(nn.Conv2d):
+    """A conv whose forward pads in a way ThiNet does not know (one extra row and column, top-left)."""
+
+    def forward(self, x: Tensor) -> Tensor:
+        return super().forward(F.pad(x, (1, 0, 1, 0)))
+
+
+@pytest.mark.parametrize("kind", ["weight-standardized", "unknown-padding"])
+def test_consumer_whose_terms_do_not_match_falls_back_with_a_warning(
+    kind: str, caplog: pytest.LogCaptureFixture
+) -> None:
+    """Terms that do not sum to the module's output (timm's StdConv2d standardizes its weight in forward; a
+    conv that pads on its own) are not used: one warning, select returns None, the engine scores by L1."""
+    case = conv_case()
+    consumer = StdConv2d(8, 6, 3, padding=1) if kind == "weight-standardized" else _OddPadConv(8, 6, 3, padding=1)
+    case.model[3] = consumer
+    m = case.group.members[2]
+    case.group.members[2] = GroupMember(m.name, consumer, "in", m.idxs)
+    before = consumer.weight.clone()
+    method = ThiNet(ThiNetParams(seed=0))
+    with caplog.at_level(logging.WARNING, logger="prunebench.methods.thinet"):
+        assert method.select(case.group, 2, Calibration(case.model, batches(8, 2, seed=1))) is None
+    assert len(caplog.records) == 1 and "3 (" in caplog.records[0].getMessage()
+    assert torch.equal(consumer.weight, before)  # no rescaling from unusable terms
+    assert torch.allclose(method.score(case.group), case.model[0].weight.abs().sum((1, 2, 3)))
+    for mod in case.model.modules():
+        assert not mod._forward_hooks
+
+
+class _GatedBlock(nn.Module):
+    """conv1-BN-ReLU, a squeeze-excitation gate on it, then conv2: the group of conv1's channels has two
+    consumers, the gate's reduce conv (on the pooled 1x1 input) and conv2 (the main path)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.conv1, self.bn, self.act = nn.Conv2d(3, 8, 3, padding=1), nn.BatchNorm2d(8), nn.ReLU()
+        self.reduce, self.expand = nn.Conv2d(8, 4, 1), nn.Conv2d(4, 8, 1)
+        self.conv2 = nn.Conv2d(8, 6, 3, padding=1)
+
+    def forward(self, x: Tensor) -> Tensor:
+        x = self.act(self.bn(self.conv1(x)))
+        gate = torch.sigmoid(self.expand(torch.relu(self.reduce(x.mean((2, 3), keepdim=True)))))
+        return self.conv2(x * gate)
+
+
+def test_se_gated_group_is_judged_by_the_main_path_consumer() -> None:
+    torch.manual_seed(0)
+    model = _GatedBlock().eval()
+    ar = torch.arange(8)[:, None]
+    members = [
+        GroupMember("conv1", model.conv1, "out", ar),
+        GroupMember("bn", model.bn, "out", ar),
+        GroupMember("expand", model.expand, "out", ar),
+        GroupMember("reduce", model.reduce, "in", ar),  # listed first: "first conv" would pick the gate
+        GroupMember("conv2", model.conv2, "in", ar),
+    ]
+    group = PrunableGroup("conv1", model.conv1, 8, members)
+    with torch.no_grad():
+        model.conv2.weight[:, [2, 7]] *= 1e-3  # the main path barely reads channels 2 and 7
+    reduce_before, conv2_before = model.reduce.weight.clone(), model.conv2.weight.clone()
+    remove = ThiNet(ThiNetParams(seed=0)).select(group, 2, Calibration(model, batches(8, 2, seed=1)))
+    assert remove is not None and sorted(remove.tolist()) == [2, 7]
+    assert torch.equal(model.reduce.weight, reduce_before) and not torch.equal(model.conv2.weight, conv2_before)
+
+
+@pytest.mark.parametrize("name", ["tf_efficientnetv2_b0", "tf_mixnet_s"])
+def test_tf_models_every_consumer_reproduces_its_output(name: str, caplog: pytest.LogCaptureFixture) -> None:
+    """On real timm networks with TF 'same' padding (64 px, scope all): every group with a consumer ThiNet
+    handles gets terms, and every consumer's terms match its output (no warning) -- including a stride-2
+    Conv2dSame (EfficientNetV2's fused blocks) and the split children of MixNet's MixedConv2d."""
+    torch.manual_seed(0)
+    model = timm.create_model(name, pretrained=False, num_classes=10).eval()
+    _, groups = build_groups(model, torch.randn(2, 3, 64, 64), scope="all")
+    calib = Calibration(model, batches(64, 2, seed=1, bs=4))
+    with caplog.at_level(logging.WARNING, logger="prunebench.methods.thinet"):
+        judged = collect_terms(groups, calib, ThiNetParams(), torch.Generator().manual_seed(0))
+    assert not caplog.records  # every candidate consumer was checked against its output, not only the judged
+    assert all(judged[g] is not None for g in groups if _candidates(g))
+    checked = {m.module for g in groups for m in _candidates(g)}
+    if name == "tf_efficientnetv2_b0":
+        assert any(isinstance(c, Conv2dSame) and c.stride == (2, 2) for c in checked)
+    else:
+        children = {c for m in model.modules() if isinstance(m, MixedConv2d) for c in m.values()}
+        assert checked & children
