@@ -1,6 +1,7 @@
 """What every cell of one ``prunebench run`` shares (:class:`Context`: recipe, device, data, dense latency)
-and the checks made before any MLflow run or file exists: :func:`preflight` and the regularizer pull check.
-See docs/architecture.md (the run command) and docs/methods.md (sparsity_pull)."""
+and the checks made before any MLflow run or file exists: :func:`preflight` (which also settles the pruning
+scope: :func:`check_reach`) and the regularizer pull check.
+See docs/architecture.md (the run command) and docs/methods.md (sparsity_pull, reachability)."""
 
 from __future__ import annotations
 
@@ -17,6 +18,7 @@ from prunebench.files import load_cached, load_torch
 from prunebench.groups import build_groups
 from prunebench.measure import measure_latency
 from prunebench.models import create_model
+from prunebench.reach import Reach, measure_reach, resolve_scope
 from prunebench.recipe import Recipe, method_label
 from prunebench.registry import broken_methods, build_method, get_method
 from prunebench.sparsity import check_pulls, sparsity_pull, steps_per_epoch
@@ -32,6 +34,8 @@ class Context:
 
     ``quiet``: no progress bars (messages go through :mod:`logging`; the CLI's ``-q`` raises its level).
     ``resume``: continue an interrupted dense training from its checkpoint (cells resume by run id).
+    ``reach``: the largest MACs reduction of each scope, once :func:`preflight` measured it; from then on
+    ``recipe.prune.scope`` is the resolved scope (never ``auto``), the one every cell uses.
     """
 
     def __init__(self, recipe: Recipe, quiet: bool, *, resume: bool = False) -> None:
@@ -44,6 +48,7 @@ class Context:
             1, self.data.in_chans, self.data.image_size, self.data.image_size, device=self.device
         )
         self._dense_latency: dict[int, float] | None = None
+        self.reach: Reach | None = None
 
     @property
     def steps_per_epoch(self) -> int:
@@ -85,12 +90,38 @@ class Context:
 def preflight(ctx: Context) -> None:
     """Check what a user can get wrong that the recipe schema cannot see, before any run or file exists:
     the model builds, ``dense.checkpoint`` exists and fits it, the workdir and the tracking store's
-    folder are writable. (The data was loaded by :class:`Context`.) Every problem is a :class:`UserError`."""
+    folder are writable, and the pruning targets are within reach (:func:`check_reach`, which also resolves
+    ``scope: auto``). (The data was loaded by :class:`Context`.) Every problem is a :class:`UserError`."""
     model = ctx.new_model()
     if ctx.recipe.dense.checkpoint:
         load_user_checkpoint(ctx.recipe, model)
     cache.check_writable(cache.workdir(ctx.recipe))
     store.check_uri(ctx.recipe.tracking.uri)
+    check_reach(ctx, model)
+
+
+def check_reach(ctx: Context, model: nn.Module) -> None:
+    """Refuse a target the prunable groups cannot reach, before any training, and settle the scope.
+
+    On ``model`` (freshly built: only its shapes matter) measure the largest MACs reduction of each scope
+    under the recipe's ``max_layer_ratio`` and ``round_to`` (:func:`prunebench.reach.measure_reach`); an
+    unreachable target is a :class:`UserError` with the reachable figures. ``scope: auto`` resolves to
+    ``internal`` when it reaches the largest target, else ``all``, and says so once; ``ctx.recipe`` then
+    carries the resolved scope, so the cells, this check and the logged ``scope`` agree.
+    """
+    prune = ctx.recipe.prune
+    reach = measure_reach(
+        model,
+        ctx.example,
+        max_layer_ratio=prune.max_layer_ratio,
+        round_to=prune.round_to,
+        ignored_layers=prune.ignored_layers,
+    )
+    scope, why = resolve_scope(reach, prune.scope, prune.targets, model=ctx.recipe.model.name)
+    if prune.scope == "auto":
+        log.info("prune.scope auto -> %s: %s", scope, why)
+    ctx.reach = reach
+    ctx.recipe = ctx.recipe.model_copy(update={"prune": prune.model_copy(update={"scope": scope})})
 
 
 def load_user_checkpoint(recipe: Recipe, model: nn.Module) -> None:

@@ -45,7 +45,7 @@ class TrialSetup:
 
     recipe: Recipe  # as given (after extends and overrides)
     cfg: TuneConfig
-    trecipe: Recipe  # the trials' recipe: the short schedule of tune: at one target (tasks.trial_recipe)
+    trecipe: Recipe  # the trials' recipe: tune:'s short schedule at one target, scope resolved (preflight)
     ctx: Context
     dense: nn.Module
     macs_dense: float
@@ -63,10 +63,11 @@ class TrialSetup:
 
 def prepare(recipe: Recipe, cfg: TuneConfig, *, quiet: bool) -> TrialSetup:
     """Load the data and train (or load the cached) dense model of the tuning seed: the one expensive step
-    before the first trial. Refuses a recipe without a validation split."""
-    trecipe = trial_recipe(recipe, cfg)
-    ctx = Context(trecipe, quiet)
-    preflight(ctx)
+    before the first trial. Refuses, before that, a recipe without a validation split and a trial target
+    the prunable groups cannot reach (:func:`prunebench.commands.run.preflight`)."""
+    ctx = Context(trial_recipe(recipe, cfg), quiet)
+    preflight(ctx)  # also refuses a trial target out of reach and resolves scope auto, before any training
+    trecipe = ctx.recipe  # with the resolved scope: the trials and derive_spaces use the groups the check saw
     if ctx.data.split_sizes().get("val", 0) == 0:
         raise UserError(
             f"{getattr(recipe, '_source', 'recipe')}: data.val_split is 0: tuning scores trials on the "
