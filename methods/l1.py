@@ -13,6 +13,7 @@ from torch import Tensor
 
 from prunebench.groups import PrunableGroup
 from prunebench.method import PruningMethod
+from prunebench.norms import member_slice
 from prunebench.registry import register_method
 
 
@@ -22,5 +23,6 @@ class L1Norm(PruningMethod):
     normalize = "max"
 
     def score(self, group: PrunableGroup) -> Tensor:
-        w = group.root.weight.detach()
-        return w.abs().flatten(1).sum(1)
+        """``sum |W^l[i]|`` of the root layer's filters of each channel (a grouped conv's unit: its filters)."""
+        root = group.root_member()
+        return member_slice(root, root.module.weight, 0).l1_norms().detach()

@@ -89,9 +89,16 @@ class NetworkSlimming(PruningMethod[SlimmingParams]):
         return float(self.params.lambda_) * torch.stack([g.abs().sum() for g in self.gammas]).sum()
 
     def score(self, group: PrunableGroup) -> Tensor:
-        """``|gamma_i|`` of the group's norm layer; the root filter's L1 norm if there is none."""
-        norm = next((m for m in group.part("out") if m.is_norm and getattr(m.module, "weight", None) is not None), None)
+        """``|gamma_i|`` of the group's norm layer (the mean over a grouped conv's unit of channels, so that
+        one global threshold compares like with like); the root filter's L1 norm if there is none."""
+        norm = next(
+            (m for m in group.part("root") if m.is_norm and getattr(m.module, "weight", None) is not None), None
+        )
+        if norm is None:
+            norm = next(
+                (m for m in group.part("out") if m.is_norm and getattr(m.module, "weight", None) is not None), None
+            )
         if norm is not None:
-            return member_slice(norm, norm.module.weight, 0).l1_norms().detach()
-        root = next(m for m in group.part("out") if m.module is group.root)
+            return member_slice(norm, norm.module.weight, 0).l1_norms().detach() / norm.idxs.shape[1]
+        root = group.root_member()
         return member_slice(root, root.module.weight, 0).l1_norms().detach()

@@ -4,6 +4,8 @@
   (exact for conv/linear/norm layers, whose cost is linear in their in- and out-channels; adaptive
   pooling and functional ops are left out, so plans keep a margin for them inside the band);
 * caps and chunks -- ``max_layer_ratio`` of each group's dense width, ``round_to`` multiples;
+* scope ``auto`` of one step (:func:`resolve_auto_scope`) -- ``internal`` where its capped groups reach
+  the target;
 * the band -- every method lands in ``[target, target + tol]`` (:func:`budget_tolerance`), and
   :func:`match_counts` picks per-group counts that fall in it where a plan overshot.
 
@@ -19,8 +21,9 @@ from collections.abc import Mapping, Sequence
 import numpy as np
 from torch import nn
 
+from prunebench.depgraph import NORM_TYPES, is_depthwise
 from prunebench.errors import UserError
-from prunebench.groups import NORM_TYPES, PrunableGroup, is_depthwise
+from prunebench.groups import PrunableGroup, Scope
 from prunebench.measure import MacsReport
 
 CONV_FC = (nn.modules.conv._ConvNd, nn.Linear)
@@ -373,6 +376,31 @@ def _match(gains: Sequence[Sequence[float]], pens: Sequence[Sequence[float]], lo
         sel[g] = int(back[g][idx])
         idx -= shifts[g][sel[g]]
     return sel
+
+
+def resolve_auto_scope(
+    model: nn.Module,
+    groups: Sequence[PrunableGroup],
+    report: MacsReport,
+    target_macs: float,
+    max_layer_ratio: float,
+    round_to: int | None = None,
+    dense_widths: Mapping[str, int] | None = None,
+) -> tuple[Scope, list[PrunableGroup]]:
+    """Scope ``auto`` for one pruning step: ``internal`` when its groups, every one cut to its cap, reach
+    ``target_macs``, and ``all`` otherwise (``groups`` are the groups of scope ``all``)."""
+    internal = [g for g in groups if not g.coupled]
+    if internal:
+        caps = np.asarray(group_caps(internal, max_layer_ratio, round_to, dense_widths), dtype=np.int64)
+        floor = MacsCostModel(model, internal, report).macs_for(caps)
+        if floor <= target_macs * (1 + 1e-12):
+            logger.info("scope auto: internal (its %d groups reach the target)", len(internal))
+            return "internal", internal
+        why = f"internal reaches only {1 - floor / report.macs:.3f} of the current MACs"
+    else:
+        why = "no internal group"
+    logger.info("scope auto: all (%s)", why)
+    return "all", list(groups)
 
 
 def plan_slack(cost: MacsCostModel, slack: float, max_layer_ratio: float) -> float:

@@ -43,10 +43,12 @@ from prunebench.budget import (
     group_caps,
     match_counts,
     plan_slack,
+    resolve_auto_scope,
     single_gains,
     unreachable,
     warn_outside_band,
 )
+from prunebench.depgraph import refresh_split_offsets, sync_split_sizes
 from prunebench.errors import UserError
 from prunebench.groups import PrunableGroup, Scope, build_groups, index_mapping_refresh_skipped
 from prunebench.measure import count_macs
@@ -322,16 +324,36 @@ def _select(method: PruningMethod, group: PrunableGroup, n: int, calib: Calibrat
 def cut(graph: Any, groups: Sequence[PrunableGroup], plan: Sequence[Tensor]) -> None:
     """Remove the planned channels for real, group by group, through the dependency graph.
 
-    torch-pruning refreshes every concat/split index mapping before it hands out a group (seconds on
-    DenseNet-121). Only cutting a coupled group can move those offsets (an internal group passes
-    through no concat or split), so the refresh runs only after such a cut.
+    The plan's group channels become the root layer's channels (a grouped conv's unit is one channel in
+    each of its blocks); the sub-groups of one root (:mod:`prunebench.groups`, "partial members") are cut
+    in one call, since cutting one would move the indices of the next. torch-pruning refreshes every
+    concat/split index mapping before it hands out a group (seconds on DenseNet-121). Only cutting a
+    coupled group can move those offsets (an internal group passes through no concat or split), so the
+    refresh runs only after such a cut.
     """
-    stale = False
+    cuts: dict[tuple[int, str], tuple[PrunableGroup, list[int]]] = {}
     for g, idx in zip(groups, plan):
         if idx.numel():
-            with contextlib.nullcontext() if stale else index_mapping_refresh_skipped():
-                graph.get_pruning_group(g.root, g.tp_fn, sorted(idx.tolist())).prune()
-            stale = g.coupled
+            key = (id(g.root), getattr(g.tp_fn, "__name__", repr(g.tp_fn)))
+            cuts.setdefault(key, (g, []))[1].extend(g.root_channels(idx))
+    stale = False
+    for g, channels in cuts.values():
+        with contextlib.nullcontext() if stale else index_mapping_refresh_skipped():
+            graph.get_pruning_group(g.root, g.tp_fn, sorted(set(channels))).prune()
+        stale = g.coupled or g.extra.get("remaps", False)
+        if stale:
+            refresh_split_offsets(graph)
+    sync_split_sizes(graph.model)
+
+
+def _removed_per_layer(groups: Sequence[PrunableGroup], plan: Sequence[Tensor]) -> dict[str, int]:
+    """Out-channels each root layer lost (a layer's sub-groups together; a grouped conv's unit counts
+    each of its channels)."""
+    names = {g.root: g.name.split("[")[0] for g in groups}
+    removed = dict.fromkeys(names.values(), 0)
+    for g, idx in zip(groups, plan):
+        removed[names[g.root]] += len(g.root_channels(idx)) if idx.numel() else 0
+    return removed
 
 
 def _layer_dims(model: nn.Module) -> dict[str, tuple[str, int, int]]:
@@ -402,13 +424,17 @@ def prune_to_target(
     ref = float(reference_macs) if reference_macs else float(before.macs)
 
     t = time.perf_counter()
-    graph, groups = build_groups(model, example_input, scope=scope, ignored_layers=ignored_layers)
+    target_macs = ref * (1.0 - target)
+    graph, groups = build_groups(
+        model, example_input, scope="all" if scope == "auto" else scope, ignored_layers=ignored_layers
+    )
+    if scope == "auto":
+        scope, groups = resolve_auto_scope(model, groups, before, target_macs, max_layer_ratio, round_to, dense_widths)
     cost = MacsCostModel(model, groups, before)
     method.attach(model, groups)
     timings["groups"] = time.perf_counter() - t
 
     t = time.perf_counter()
-    target_macs = ref * (1.0 - target)
     caps = group_caps(groups, max_layer_ratio, round_to, dense_widths)
     tol = budget_tolerance(cost, groups, ref, round_to, caps=caps)
     budget = dict(
@@ -437,7 +463,7 @@ def prune_to_target(
         macs_conv_fc_after=after.macs_conv_fc,
         params_after=after.params,
         macs_reduction=1.0 - after.macs / ref,
-        removed={g.name: int(p.numel()) for g, p in zip(groups, plan)},
+        removed=_removed_per_layer(groups, plan),
         layers=_layer_table(dims_before, _layer_dims(model)),
         seconds=time.perf_counter() - t_start,
         reference_macs=int(ref),

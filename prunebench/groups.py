@@ -14,10 +14,28 @@ Channel ``c`` of the group (``0 <= c < size``) owns ``idxs[c, :]`` of every memb
 
 This *is* OICSR's out-in-channel group; single-layer group lasso uses only the ``"out"`` members of the
 root layer. Per-channel norms of a group or a part of it are :mod:`prunebench.norms`.
+
+Three refinements over torch-pruning's raw groups (docs/methods.md, "Prunable groups"):
+
+* **Gates are not merges.** ``x * gate(x)`` -- squeeze-excitation, ECA, any channel attention whose gate
+  is computed from the same tensor -- ties no channel to another producer; the gate's convs follow the cut
+  (reduce conv's in-channels, expand conv's out-channels) and are never the group's root.
+* **Grouped convolutions** (``groups`` > 1, not depthwise) keep every conv group at the same width: a
+  group channel is then a *unit* of ``L`` channels, one at the same offset in each of the ``L`` blocks
+  (``idxs`` has ``L * m`` columns); :meth:`GroupMember.param_idxs` gives a grouped weight's own
+  ``in_channels / groups`` in-channel indices.
+* **Partial members.** Where a split sends some channels to one layer and some to another (MixNet's
+  mixed kernels, CSP's halves), the channels are split into sub-groups of equal coverage, one
+  :class:`PrunableGroup` each (names ``root``, ``root[1]``, ...), cut together.
+
+A group the engine cannot cut safely -- a grouped layer whose channels do not form equal units, a layer
+type it does not know -- is left whole, with one warning.
 """
 
 from __future__ import annotations
 
+import logging
+import math
 from collections.abc import Iterable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
@@ -28,11 +46,22 @@ import torch_pruning as tp
 from torch import Tensor, nn
 from torch_pruning.dependency import index_mapping
 
+from prunebench.depgraph import (
+    NORM_TYPES,
+    GraphRules,
+    all_groups,
+    channel_groups,
+    is_coupled,
+    norm_after,
+    order_split_outputs,
+    remaps,
+    unknown_layer,
+)
 from prunebench.errors import UserError, close_matches
 
-Part = Literal["all", "out", "in", "root"]
+logger = logging.getLogger(__name__)
 
-NORM_TYPES = (nn.modules.batchnorm._BatchNorm, nn.GroupNorm, nn.LayerNorm)
+Part = Literal["all", "out", "in", "root"]
 
 
 @dataclass(eq=False)
@@ -60,14 +89,26 @@ class GroupMember:
     def is_norm(self) -> bool:
         return isinstance(self.module, NORM_TYPES)
 
+    def param_idxs(self) -> Tensor:
+        """``idxs`` in the member's own weight indices: for the in-side of a grouped conv, whose weight has
+        ``in_channels / groups`` in-channels, a unit's in-channels (the same offset in every conv group)
+        are that offset's column of the weight, ``[size, L * m / groups]``; ``idxs`` otherwise."""
+        groups = channel_groups(self.module)
+        if self.kind != "in" or groups == 1 or not isinstance(self.module, nn.modules.conv._ConvNd):
+            return self.idxs
+        per = self.module.in_channels // groups
+        rows = self.idxs.sort(dim=1).values % per
+        return rows.reshape(rows.shape[0], groups, -1)[:, 0, :]
+
 
 @dataclass(eq=False)
 class PrunableGroup:
     """A set of channels that can only be removed together (see the module docstring).
 
     ``coupled`` is true when the channels are tied to a residual sum or a concatenation, i.e. when the
-    group is outside the ``internal`` scope. ``tp_root`` and ``tp_fn`` let the engine ask the dependency
-    graph for the group again when it cuts.
+    group is outside the ``internal`` scope. ``root`` and ``tp_fn`` let the engine ask the dependency
+    graph for the group again when it cuts (:meth:`root_channels`). ``norm`` is the normalization layer
+    right after the root, where the graph shows one.
     """
 
     name: str
@@ -77,6 +118,7 @@ class PrunableGroup:
     coupled: bool = False
     tp_fn: Any = None
     extra: dict[str, Any] = field(default_factory=dict)
+    norm: nn.Module | None = None
 
     @property
     def device(self) -> torch.device:
@@ -89,9 +131,18 @@ class PrunableGroup:
         if part == "root":
             outs = [m for m in self.members if m.kind == "out"]
             root = [m for m in outs if m.module is self.root]
-            norm = next((m for m in outs if m.is_norm), None)
+            norm = next((m for m in outs if m.is_norm and (self.norm is None or m.module is self.norm)), None)
             return root + ([norm] if norm is not None else [])
         return [m for m in self.members if m.kind == part]
+
+    def root_member(self) -> GroupMember:
+        """The root layer's out-member (its filters)."""
+        return next(m for m in self.members if m.kind == "out" and m.module is self.root)
+
+    def root_channels(self, channels: Tensor) -> list[int]:
+        """The root layer's out-channel indices of the group channels ``channels`` (sorted)."""
+        idxs = self.root_member().idxs
+        return sorted(idxs[channels.to(idxs.device, torch.long)].reshape(-1).tolist())
 
     def consumers(self) -> list[GroupMember]:
         """The ``in`` members that are convolutions or linear layers (what reads this group's output)."""
@@ -99,7 +150,7 @@ class PrunableGroup:
 
     def norm_layer(self) -> nn.Module | None:
         """The normalization layer on the producer side (for BN-gamma methods such as slimming)."""
-        return next((m.module for m in self.part("out") if m.is_norm), None)
+        return next((m.module for m in self.part("root") if m.is_norm), None)
 
 
 # -- building groups from torch-pruning's dependency graph ------------------------------------------
@@ -127,8 +178,9 @@ def build_groups(
 
     ``scope``: ``internal`` keeps only groups not tied to a residual sum or a concatenation, ``all``
     keeps every group the library can prune, ``auto`` is ``internal`` where that yields a group (plain
-    and residual nets) and ``all`` otherwise (DenseNet without bottlenecks has no internal pair).
-    Groups come in the model's module order, so their order does not depend on tracing details.
+    and residual nets) and ``all`` otherwise (DenseNet without bottlenecks has no internal pair); the
+    engine's ``auto`` also asks whether ``internal`` reaches the target. Groups come in the model's module
+    order, so their order does not depend on tracing details. Groups left whole are named in one warning.
     """
     if scope not in _SCOPES:
         raise UserError(f"unknown pruning scope {scope!r}; use one of {', '.join(_SCOPES)}")
@@ -138,19 +190,26 @@ def build_groups(
 
     device = next(model.parameters()).device
     was_training = model.training
+    left_whole: dict[str, list[str]] = {}
     try:
         with torch.enable_grad():  # torch-pruning traces through autograd
             graph = tp.DependencyGraph().build_dependency(
                 model, example_input.to(device), customized_pruners=customized_pruners(), verbose=False
             )
+        order_split_outputs(graph)
+        failed: list[nn.Module] = []
         with index_mapping_refresh_skipped():
-            tp_groups = list(graph.get_all_groups(ignored_layers=frozen, root_module_types=[nn.Conv2d, nn.Linear]))
+            tp_groups = list(all_groups(graph, frozen, failed))
     finally:
         model.train(was_training)  # tracing leaves the model in eval mode
+    if failed:
+        left_whole["torch-pruning could not build their groups"] = [names.get(m, "?") for m in failed]
 
-    groups = [g for g in (_convert(graph, tg, names) for tg in tp_groups) if g is not None]
+    rules = GraphRules.of(graph)
+    groups = [g for tg in tp_groups for g in _convert(graph, tg, names, rules, left_whole)]
     order = {m: i for i, m in enumerate(names)}
-    groups.sort(key=lambda g: order[g.root])
+    groups.sort(key=lambda g: (order[g.root], g.name))
+    _warn_left_whole(left_whole)
     return graph, _apply_scope(groups, scope, ignored_layers)
 
 
@@ -225,88 +284,159 @@ def _resolve_modules(model: nn.Module, items: Iterable[str | nn.Module], where: 
     return out
 
 
-def _convert(graph: Any, tp_group: Any, names: dict[nn.Module, str]) -> PrunableGroup | None:
-    """A :class:`PrunableGroup` from a torch-pruning group with full indices, or ``None`` when some
-    member does not map every root channel onto the same number of its own indices (e.g. a split
-    that sends only part of the channels to a layer); such groups are left unpruned."""
+def _warn_left_whole(left_whole: dict[str, list[str]]) -> None:
+    """One warning per reason, naming the first few layers (and once per process for the same text)."""
+    for why, layers in left_whole.items():
+        shown = ", ".join(layers[:4]) + (f" and {len(layers) - 4} more" if len(layers) > 4 else "")
+        msg = f"left whole (not pruned): {len(layers)} channel group(s) rooted at {shown}: {why}"
+        if msg not in _WARNED:
+            _WARNED.add(msg)
+            logger.warning(msg)
+
+
+_WARNED: set[str] = set()
+
+
+def _convert(
+    graph: Any, tp_group: Any, names: dict[nn.Module, str], rules: GraphRules, left_whole: dict[str, list[str]]
+) -> list[PrunableGroup]:
+    """The :class:`PrunableGroup` s of one torch-pruning group with full indices: one, or one per set of
+    channels that every member covers alike (a split sends part of the channels to a layer); none where
+    the engine cannot cut it safely (the reason goes to ``left_whole``)."""
     root_item = tp_group[0]
     root: nn.Module = root_item.dep.target.module
     size = len(root_item.idxs)
-    members: list[GroupMember] = []
+    if any(item.dep.target in rules.fixed for item in tp_group):
+        left_whole.setdefault("its channels pass a split or slice of fixed sizes", []).append(names[root])
+        return []
+    items = []
     for item in tp_group:
         module = item.dep.target.module
+        unknown = unknown_layer(module, _PRUNERS)
+        if unknown:
+            left_whole.setdefault(unknown, []).append(names[root])
+            return []
         if not isinstance(module, _MEMBER_TYPES):
             continue  # dummy ops (add, concat, reshape, ...) carry no weights
-        idxs = _aligned_idxs(item.idxs, item.root_idxs, size)
-        if idxs is None:
-            return None
         out = graph.is_out_channel_pruning_fn(item.dep.handler) or isinstance(module, NORM_TYPES)
-        members.append(GroupMember(names[module], module, "out" if out else "in", idxs))
-    group = PrunableGroup(
-        name=names[root],
-        root=root,
-        size=size,
-        members=members,
-        coupled=_is_coupled(tp_group, members),
-        tp_fn=root_item.dep.handler,
-    )
-    return _reroot_off_depthwise(graph, group, names)
+        items.append((module, "out" if out else "in", item))
+    coupled = is_coupled(tp_group, [m for m, kind, _ in items if kind == "out"], rules)
+    extra = {"remaps": remaps(tp_group)}
+    groups = []
+    classes = _coverage_classes(items, size)
+    for k, channels in enumerate(classes):
+        members = []
+        for module, kind, item in items:
+            idxs = _aligned_idxs(item.idxs, item.root_idxs, channels)
+            if idxs is not None:
+                members.append(GroupMember(names[module], module, kind, idxs))
+        name = names[root] if k == 0 else f"{names[root]}[{k}]"
+        group = PrunableGroup(
+            name, root, len(channels), members, coupled=coupled, tp_fn=root_item.dep.handler, extra=dict(extra)
+        )
+        if not any(m.module is root and m.kind == "out" for m in members):
+            left_whole.setdefault("the root layer does not cover every channel", []).append(name)
+            continue
+        group = _reroot(graph, group, names, rules)
+        why = _untied(graph, group) if len(classes) > 1 else None
+        why = why or _unitize(group)
+        if why:
+            left_whole.setdefault(why, []).append(name)
+            continue
+        group.norm = norm_after(graph, group.root, rules.neutral)
+        groups.append(group)
+    return groups
 
 
-def _aligned_idxs(idxs: list[int], root_idxs: list[int], size: int) -> Tensor | None:
-    """``[size, m]`` indices whose row ``c`` holds what root channel ``c`` owns in this member."""
+def _untied(graph: Any, group: PrunableGroup) -> str | None:
+    """Why a sub-group's channels are tied to channels outside it, or ``None``: the dependency graph asked
+    for the sub-group alone must give back exactly its members' indices (a split group's recorded indices
+    can miss a tie that a second path to the same producer makes)."""
+    channels = group.root_channels(torch.arange(group.size))
+    with index_mapping_refresh_skipped():
+        asked = graph.get_pruning_group(group.root, group.tp_fn, channels)
+    got: dict[tuple[int, str], set[int]] = {}
+    for item in asked:
+        module = item.dep.target.module
+        if isinstance(module, _MEMBER_TYPES):
+            out = graph.is_out_channel_pruning_fn(item.dep.handler) or isinstance(module, NORM_TYPES)
+            got.setdefault((id(module), "out" if out else "in"), set()).update(int(i) for i in item.idxs)
+    mine: dict[tuple[int, str], set[int]] = {}
+    for m in group.members:
+        mine.setdefault((id(m.module), m.kind), set()).update(m.idxs.reshape(-1).tolist())
+    return None if got == mine else "a split's parts are tied to each other through a shared producer"
+
+
+def _coverage_classes(items: list, size: int) -> list[Tensor]:
+    """The root channels split by how many indices each member gives them (one class in most groups)."""
+    if not items:
+        return [torch.arange(size)]
+    roots = [torch.as_tensor(list(item.root_idxs), dtype=torch.long) for _, _, item in items]
+    counts = torch.stack([torch.bincount(r, minlength=size)[:size] for r in roots])
+    if bool((counts == counts[:, :1]).all()):
+        return [torch.arange(size)]
+    _, inverse = torch.unique(counts.t(), dim=0, return_inverse=True)
+    classes = [torch.nonzero(inverse == c).reshape(-1) for c in range(int(inverse.max()) + 1)]
+    return sorted(classes, key=lambda c: int(c[0]))
+
+
+def _aligned_idxs(idxs: list, root_idxs: list, channels: Tensor) -> Tensor | None:
+    """``[len(channels), m]`` indices whose row ``c`` holds what root channel ``channels[c]`` owns in this
+    member; ``None`` when the member owns nothing of these channels."""
     idx = torch.as_tensor(list(idxs), dtype=torch.long)
     root = torch.as_tensor(list(root_idxs), dtype=torch.long)
-    if idx.numel() == 0 or idx.numel() % size or root.numel() != idx.numel():
+    keep = torch.isin(root, channels)
+    if not bool(keep.any()):
         return None
-    counts = torch.bincount(root, minlength=size)
-    if counts.numel() != size or not bool((counts == idx.numel() // size).all()):
-        return None
+    idx, root = idx[keep], root[keep]
     order = torch.argsort(root * (int(idx.max()) + 1) + idx)  # by root channel, then own index
-    return idx[order].reshape(size, -1)
+    return idx[order].reshape(len(channels), -1)
 
 
-def _is_coupled(tp_group: Any, members: list[GroupMember]) -> bool:
-    """Whether the group is tied to a residual sum, a product with another branch, a concat or a split.
+def _unitize(group: PrunableGroup) -> str | None:
+    """Make a group channel a unit of ``L`` channels, one in each of the ``L`` equal blocks of the group's
+    grouped layers (``L`` the lcm of their ``groups``), so that every conv group keeps the same width, as
+    torch-pruning's own pruners do. Returns why the group must stay whole, or ``None``."""
+    blocks = math.lcm(*(channel_groups(m.module) for m in group.members))
+    if blocks == 1:
+        return None
+    if group.size % blocks:
+        return f"grouped layer: {group.size} channels do not split into {blocks} equal blocks"
+    units = group.size // blocks
+    rows = torch.arange(group.size).reshape(blocks, units).t()  # unit u: channels u, u + units, ...
+    for m in group.members:
+        m.idxs = m.idxs[rows].reshape(units, -1)
+    for m in group.members:
+        groups = channel_groups(m.module)
+        if groups == 1:
+            continue
+        mod = m.module
+        width = mod.in_channels if m.kind == "in" else getattr(mod, "out_channels", getattr(mod, "num_channels", 0))
+        per = width // groups
+        v = m.idxs.sort(dim=1).values.reshape(units, groups, -1)
+        same_block = bool((v // per == torch.arange(groups)[None, :, None]).all()) if v.numel() else False
+        if not same_block or (m.kind == "in" and not bool((v % per == v[:, :1] % per).all())):
+            return f"grouped layer {m.name}: the channels do not form equal units across its {groups} groups"
+    group.size = units
+    return None
 
-    Element-wise ops with one input (ReLU, pooling) do not couple anything; a merge has two inputs.
-    Several producing convs (not counting depthwise ones, whose in and out channels are one and the
-    same) also mean a shared stream.
-    """
-    merge_types = (tp.ops.OPTYPE.CONCAT, tp.ops.OPTYPE.SPLIT, tp.ops.OPTYPE.SLICE, tp.ops.OPTYPE.UNBIND)
-    for item in tp_group:
-        node = item.dep.target
-        if node.type in merge_types:
-            return True
-        if node.type == tp.ops.OPTYPE.ELEMENTWISE and len(node.inputs) >= 2:
-            return True
-    producers = [m for m in members if m.kind == "out" and not m.is_norm and not is_depthwise(m.module)]
-    return len(producers) > 1
 
-
-def is_depthwise(module: nn.Module) -> bool:
-    return isinstance(module, nn.modules.conv._ConvNd) and module.groups > 1 and module.groups == module.out_channels
-
-
-def _reroot_off_depthwise(graph: Any, group: PrunableGroup, names: dict[nn.Module, str]) -> PrunableGroup:
-    """Make the producing (non-depthwise) conv the root when torch-pruning rooted the group at a
-    depthwise conv, so that ``root`` means the same thing in every group (OICSR's producer layer)."""
-    if not is_depthwise(group.root):
+def _reroot(graph: Any, group: PrunableGroup, names: dict[nn.Module, str], rules: GraphRules) -> PrunableGroup:
+    """Make the producing conv the root when torch-pruning rooted the group at a depthwise conv or at a
+    gate's conv, so that ``root`` means the same thing in every group (OICSR's producer layer): among the
+    producing convs of the group, one followed by its normalization layer first."""
+    if rules.is_producer(group.root):
         return group
-    cand = next(
-        (
-            m
-            for m in group.members
-            if m.kind == "out" and not m.is_norm and not is_depthwise(m.module) and m.idxs.shape[1] == 1
-        ),
-        None,
-    )
-    if cand is None:
+    cands = [m for m in group.members if m.kind == "out" and rules.is_producer(m.module)]
+    cands.sort(key=lambda m: norm_after(graph, m.module, rules.neutral) is None)
+    if not cands:
         return group
+    cand = cands[0]
     order = torch.argsort(cand.idxs[:, 0])
     for m in group.members:
         m.idxs = m.idxs[order]
-    group.root, group.name = cand.module, names[cand.module]
+    suffix = group.name[len(names[group.root]) :]  # a sub-group's "[k]"
+    group.root, group.name = cand.module, names[cand.module] + suffix
     group.tp_fn = graph.get_pruner_of_module(cand.module).prune_out_channels
     return group
 

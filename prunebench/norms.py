@@ -85,10 +85,14 @@ class GroupSlices:
 
 
 def member_slice(member: GroupMember, param: Tensor, dim: int) -> ChannelSlice:
-    """The slice of ``param`` (one of ``member``'s tensors) along ``dim`` that the member's channels own."""
-    m = member.idxs.shape[1] if member.idxs.dim() == 2 else 1
-    index = member.idxs.reshape(-1).to(device=param.device, dtype=torch.long)
-    return ChannelSlice(param, dim, index, m)
+    """The slice of ``param`` (one of ``member``'s tensors) along ``dim`` that the member's channels own.
+
+    Indices are the tensor's own: a grouped conv's weight has ``in_channels / groups`` in-channels, and a
+    unit of the group owns one column of it (:meth:`~prunebench.groups.GroupMember.param_idxs`).
+    """
+    idxs = member.param_idxs() if member.idxs.dim() == 2 else member.idxs.reshape(-1, 1)
+    index = idxs.reshape(-1).to(device=param.device, dtype=torch.long)
+    return ChannelSlice(param, dim, index, idxs.shape[1])
 
 
 def group_slices(group: PrunableGroup, part: Part) -> GroupSlices:
