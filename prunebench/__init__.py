@@ -13,11 +13,24 @@ Public API (everything else is internal and may change; the layout is docs/archi
 
 The names are imported on first use (PEP 562), so ``import prunebench`` -- and the command line's
 ``--help`` -- do not pay for torch until something needs it.
+
+CIFAR models in timm's registry
+-------------------------------
+``import prunebench`` makes ``timm.create_model("resnet56_cifar")`` work without importing torch or timm
+itself: :mod:`prunebench.models` (which registers the CIFAR models) is imported as soon as timm is. If timm
+is already imported, that happens here; otherwise a finder in ``sys.meta_path`` (:class:`_RegisterOnImport`)
+watches the imports of ``timm``, ``torch_pruning`` and every ``prunebench.*`` module, and imports
+``prunebench.models`` once timm has loaded and none of the watched modules is still loading: torch-pruning
+imports timm itself, so ``import prunebench.engine`` loads timm halfway through torch-pruning and through
+the prunebench modules that ``prunebench.models`` needs. The finder only wraps those modules' loaders (each
+module keeps its own loader) and removes itself once the models are registered.
 """
 
 from __future__ import annotations
 
 import importlib
+import logging
+import sys
 from typing import TYPE_CHECKING, Any
 
 __version__ = "0.1.0"
@@ -80,3 +93,79 @@ def __getattr__(name: str) -> Any:
 
 def __dir__() -> list[str]:
     return sorted([*globals(), *_EXPORTS])
+
+
+# -- CIFAR models registered when timm is imported (see the module docstring) ----------------------
+
+_MODELS = "prunebench.models"
+_LOADING: set[str] = set()  # watched modules whose code is running now
+
+
+def _watched(name: str) -> bool:
+    return name in ("timm", "torch_pruning") or name.startswith("prunebench.")
+
+
+def _register_models() -> None:
+    """Import :mod:`prunebench.models` once timm is loaded and no watched module is still loading."""
+    if _MODELS in sys.modules:  # registered, or registering: it imports timm itself
+        _RegisterOnImport.remove()
+        return
+    if "timm" not in sys.modules or _LOADING:
+        return  # the last watched module to finish loading calls again
+    _RegisterOnImport.remove()
+    try:
+        importlib.import_module(_MODELS)
+    except Exception as exc:  # timm itself must keep working; the CIFAR models are then unknown names
+        logging.getLogger(__name__).warning("prunebench: CIFAR models not registered into timm: %s", exc)
+
+
+class _RegisterOnImport:
+    """A ``sys.meta_path`` finder that runs :func:`_register_models` after each watched module has loaded."""
+
+    @classmethod
+    def install(cls) -> None:
+        if not any(isinstance(f, cls) for f in sys.meta_path):
+            sys.meta_path.insert(0, cls())
+
+    @classmethod
+    def remove(cls) -> None:
+        sys.meta_path[:] = [f for f in sys.meta_path if not isinstance(f, cls)]
+
+    def find_spec(self, name: str, path: Any = None, target: Any = None) -> Any:
+        if not _watched(name):
+            return None
+        for finder in sys.meta_path:
+            find = getattr(finder, "find_spec", None)
+            spec = find(name, path, target) if finder is not self and find is not None else None
+            if spec is not None:
+                break
+        else:
+            return None
+        if spec.loader is not None and hasattr(spec.loader, "exec_module"):
+            spec.loader = _ThenRegister(spec.loader)
+        return spec
+
+
+class _ThenRegister:
+    """A loader that runs the module's own loader, then :func:`_register_models`; the module keeps its
+    own loader as ``__loader__`` and ``__spec__.loader``."""
+
+    def __init__(self, loader: Any) -> None:
+        self.loader = loader
+
+    def create_module(self, spec: Any) -> Any:
+        return self.loader.create_module(spec)
+
+    def exec_module(self, module: Any) -> None:
+        module.__loader__ = module.__spec__.loader = self.loader
+        _LOADING.add(module.__name__)
+        try:
+            self.loader.exec_module(module)
+        finally:
+            _LOADING.discard(module.__name__)
+        _register_models()
+
+
+_RegisterOnImport.install()
+if "timm" in sys.modules:
+    _register_models()

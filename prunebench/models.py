@@ -1,8 +1,8 @@
 """Models: CIFAR backbones registered into timm's registry, and helpers the harness needs around them.
 
-Every backbone is a timm model name. Importing this module registers the classic CIFAR networks that
-pruning papers report on, so ``timm.create_model("resnet56_cifar", num_classes=10)`` and
-``timm.list_models("*_cifar")`` see them next to timm's own models:
+Every backbone is a timm model name. Importing this module -- or timm, once prunebench is imported (see
+``prunebench/__init__.py``) -- registers the classic CIFAR networks that pruning papers report on, so
+``timm.create_model("resnet56_cifar", num_classes=10)`` and ``timm.list_models("*_cifar")`` see them:
 
 * ``resnet{8,20,32,56,110}_cifar`` -- He et al. 2016, section 4.2: a 3x3 stem with 16 channels, three
   stages of n basic blocks with 16/32/64 channels, global average pooling, one linear layer. Shortcuts
