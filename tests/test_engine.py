@@ -8,6 +8,7 @@ emptied or exceed its cap, and the pruned model must run forward and backward. M
 
 from __future__ import annotations
 
+import logging
 import math
 
 import pytest
@@ -362,3 +363,26 @@ def test_coarse_groups_do_not_overshoot(seed: int) -> None:
     result = prune_to_target(model, available_methods()["random"](), 0.5, x, reference_macs=dense, scope="internal")
     assert 0.5 <= result.macs_reduction <= 0.5 + result.tolerance
     assert 0.001 < result.tolerance < 0.003
+
+
+# -- scope auto (issue 11) -----------------------------------------------------------------------------
+
+
+def test_auto_scope_is_internal_where_it_reaches_the_target_and_all_otherwise(caplog) -> None:
+    """ResNet-20's internal pairs reach 0.76 of its MACs at the default cap: a 0.5 target stays internal
+    (the residual streams keep their width), a 0.8 target goes to scope all."""
+    l1 = available_methods()["l1"]
+    model, x = make("resnet20_cifar")
+    with caplog.at_level(logging.INFO, logger="prunebench.budget"):
+        res = prune_to_target(model, l1(), 0.5, x)
+    assert "scope auto: internal" in caplog.text and model.conv1.out_channels == 16
+    assert all(name.endswith("conv1") and name.startswith("layer") for name in res.removed)
+    caplog.clear()
+    model, x = make("resnet20_cifar")
+    with caplog.at_level(logging.INFO, logger="prunebench.budget"):
+        res = prune_to_target(model, l1(), 0.8, x)
+    assert "scope auto: all" in caplog.text and "internal reaches only 0.76" in caplog.text
+    assert 0.8 <= res.macs_reduction <= 0.8 + res.tolerance
+    assert model.layer3[2].conv2.out_channels < 64  # a residual stream was cut
+    with pytest.raises(UserError, match="max_layer_ratio"):
+        prune_to_target(make("resnet20_cifar")[0], l1(), 0.8, x, scope="internal")

@@ -509,3 +509,109 @@ def test_hooks_do_not_synchronise_a_cuda_device(config: dict) -> None:
         method.on_epoch_end(0)
     finally:
         torch.cuda.set_sync_debug_mode(0)
+
+
+# -- grouped convolutions (issue 11) ---------------------------------------------------------------
+class GroupedTiny(nn.Module):
+    """stem -> Conv(3->8)-BN-ReLU -> grouped Conv(8->8, groups=2)-BN-ReLU -> Conv(8->5): the grouped conv's
+    weight has 8/2 = 4 in-channels, so conv1's channel c and c+4 reach the same weight column."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.stem = nn.Conv2d(3, 3, 1)
+        self.conv1 = nn.Conv2d(3, 8, 3, padding=1, bias=False)
+        self.bn1 = nn.BatchNorm2d(8)
+        self.conv2 = nn.Conv2d(8, 8, 3, padding=1, groups=2, bias=False)
+        self.bn2 = nn.BatchNorm2d(8)
+        self.conv3 = nn.Conv2d(8, 5, 1)
+        with torch.no_grad():
+            for bn in (self.bn1, self.bn2):
+                bn.weight.normal_()
+                bn.bias.normal_()
+
+    def forward(self, x: Tensor) -> Tensor:
+        x = torch.relu(self.bn1(self.conv1(self.stem(x))))
+        return self.conv3(torch.relu(self.bn2(self.conv2(x))))
+
+
+def grouped_setup() -> tuple[GroupedTiny, PrunableGroup, PrunableGroup]:
+    torch.manual_seed(0)
+    model = GroupedTiny()
+    _, groups = pg.build_groups(model, torch.randn(1, 3, 6, 6), scope="internal", never_prune=[model.conv3])
+    by_root = {g.root: g for g in groups}
+    return model, by_root[model.conv1], by_root[model.conv2]
+
+
+def test_grouped_conv_groups_are_units_and_their_norms_index_the_grouped_weight() -> None:
+    """Unit u of conv1's group is channels u and u + 4 (one per conv2 group): ||G_u||^2 is conv1's two
+    filters, their gammas and betas and conv2's weight column u (every output row of both conv groups)."""
+    model, g1, g2 = grouped_setup()
+    assert g1.size == g2.size == 4
+    energy = group_slices(g1, "all").sq_norms().detach()
+    hand = torch.stack(
+        [
+            sum(
+                model.conv1.weight[c].pow(2).sum() + model.bn1.weight[c] ** 2 + model.bn1.bias[c] ** 2
+                for c in (u, u + 4)
+            )
+            + model.conv2.weight[:, u].pow(2).sum()
+            for u in range(4)
+        ]
+    ).detach()
+    torch.testing.assert_close(energy, hand, rtol=1e-5, atol=1e-6)
+    # conv2's own group: its filters u and u + 4 (one per conv group), bn2, and conv3's in-channels u, u + 4
+    energy2 = group_slices(g2, "all").sq_norms().detach()
+    hand2 = torch.stack(
+        [
+            sum(
+                model.conv2.weight[c].pow(2).sum()
+                + model.bn2.weight[c] ** 2
+                + model.bn2.bias[c] ** 2
+                + model.conv3.weight[:, c].pow(2).sum()
+                for c in (u, u + 4)
+            )
+            for u in range(4)
+        ]
+    ).detach()
+    torch.testing.assert_close(energy2, hand2, rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.parametrize("name", ["oicsr", "group_lasso", "slimming", "l1", "random"])
+def test_methods_score_and_regularize_grouped_units(name: str) -> None:
+    """Every method gives one score per unit, its penalty and proximal step run, and the cut keeps both
+    conv groups of the same width."""
+    from prunebench.engine import prune_to_target
+
+    model, g1, g2 = grouped_setup()
+    if name in ("oicsr", "group_lasso"):
+        assert attached(name, model, [g1, g2]).penalty() is not None
+        attached(name, model, [g1, g2], mode="proximal").after_step(0.01)
+    scores = make(name).score(g1)
+    assert scores.shape == (4,)
+    if name == "slimming":  # the mean |gamma| of the unit's two channels
+        torch.testing.assert_close(scores, (model.bn1.weight.abs()[:4] + model.bn1.weight.abs()[4:]).detach() / 2)
+    x = torch.randn(1, 3, 6, 6)
+    res = prune_to_target(model, make(name), 0.3, x, scope="internal", ignored_layers=["conv3"])
+    assert res.macs_reduction >= 0.3
+    assert model.conv2.in_channels % 2 == 0 and model.conv2.out_channels % 2 == 0
+    assert model.conv2.weight.shape[1] == model.conv2.in_channels // 2
+    assert res.removed["conv1"] % 2 == 0 and res.removed["conv1"] == 8 - model.conv1.out_channels
+    assert model(x).shape[1] == 5
+
+
+def test_a_zeroed_grouped_unit_is_removed_without_changing_the_output() -> None:
+    from prunebench.engine import cut
+
+    torch.manual_seed(0)
+    model = GroupedTiny().eval()
+    x = torch.randn(1, 3, 6, 6)
+    graph, groups = pg.build_groups(model, x, scope="internal", never_prune=[model.conv3])
+    g = next(g for g in groups if g.root is model.conv1)
+    with torch.no_grad():
+        group_slices(g, "all").scale_(torch.tensor([1.0, 0.0, 1.0, 1.0]))  # unit 1: channels 1 and 5
+        inputs = torch.randn(2, 3, 6, 6)
+        before = model(inputs)
+    cut(graph, groups, [torch.tensor([1]) if h is g else torch.empty(0, dtype=torch.long) for h in groups])
+    assert model.conv1.out_channels == 6 and model.conv2.in_channels == 6 and model.conv2.groups == 2
+    with torch.no_grad():
+        torch.testing.assert_close(model(inputs), before, rtol=1e-5, atol=1e-5)

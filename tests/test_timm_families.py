@@ -21,6 +21,7 @@ import pytest
 import timm
 import torch
 import torch.nn.functional as F
+from timm.layers import MixedConv2d
 from torch import Tensor, nn
 
 import prunebench.models  # noqa: F401  (registers the CIFAR models into timm)
@@ -235,3 +236,58 @@ def test_unknown_layer_is_left_whole_with_a_warning(caplog) -> None:
     res = prune_to_target(model, available_methods()["l1"](), 0.2, x, scope="all")
     assert res.macs_reduction >= 0.2 and model.b.gain.shape[0] == model.b.out_channels == 16
     assert model(x).shape == (1, 3)
+
+
+# -- splits: mixed kernels ------------------------------------------------------------------------------
+
+
+class Mixed(nn.Module):
+    """conv_pw (10 channels) -> BN -> MixedConv2d (depthwise 3x3 / 5x5 / 7x7 on 4 / 3 / 3 channels) -> BN -> conv."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.stem = nn.Conv2d(3, 6, 3, padding=1)
+        self.conv_pw = nn.Conv2d(6, 10, 1, bias=False)
+        self.bn1 = nn.BatchNorm2d(10)
+        self.conv_dw = MixedConv2d(10, 10, kernel_size=[3, 5, 7], padding="", depthwise=True)
+        self.bn2 = nn.BatchNorm2d(10)
+        self.conv_pwl = nn.Conv2d(10, 8, 1)
+        self.fc = nn.Linear(8, 3)
+
+    def forward(self, x: Tensor) -> Tensor:
+        x = torch.relu(self.bn1(self.conv_pw(torch.relu(self.stem(x)))))
+        x = torch.relu(self.bn2(self.conv_dw(x)))
+        return self.fc(self.conv_pwl(x).mean((2, 3)))
+
+
+def test_a_split_into_unequal_parts_gives_sub_groups_cut_in_the_right_part() -> None:
+    torch.manual_seed(0)
+    model = Mixed()
+    _randomize_norms(model)
+    model.eval()
+    x = torch.randn(1, 3, 12, 12)
+    assert model.conv_dw.splits == [4, 3, 3]
+    graph, groups = build_groups(model, x, scope="internal")
+    subs = sorted(g.name for g in groups if g.root is model.conv_pw)
+    assert subs == ["conv_pw", "conv_pw[1]", "conv_pw[2]"]  # one per part of the split
+    last = next(g for g in groups if g.name == "conv_pw[2]")
+    assert [m.name for m in last.members if m.name.startswith("conv_dw")] == ["conv_dw.2"]
+    ch = 1  # conv_pw's channel 8: the 7x7 part's second channel
+    with torch.no_grad():
+        for member in last.members:
+            for p, dim in member.params():
+                sl = member_slice(member, p, dim)
+                p.index_fill_(dim, sl.index.view(-1, sl.m)[ch], 0.0)
+        inputs = torch.randn(2, 3, 12, 12)
+        before = model(inputs)
+    cut(graph, groups, [torch.tensor([ch]) if g is last else torch.empty(0, dtype=torch.long) for g in groups])
+    assert model.conv_dw.splits == [4, 3, 2] and model.conv_dw["2"].weight.shape[0] == 2
+    with torch.no_grad():
+        torch.testing.assert_close(model(inputs), before, rtol=1e-5, atol=1e-5)
+    # and two more pruning steps through the now unequal split, each on a freshly traced graph
+    dense = count_macs(Mixed(), x).macs
+    for target in (0.2, 0.4):
+        res = prune_to_target(model, available_methods()["l1"](), target, x, reference_macs=dense)
+        assert res.macs_reduction >= target
+        assert model.conv_dw.splits == [c.in_channels for c in model.conv_dw.values()]
+        assert model(inputs).shape == (2, 3)
