@@ -4,6 +4,7 @@
 from __future__ import annotations
 
 import json
+import logging
 import subprocess
 import sys
 from pathlib import Path
@@ -104,6 +105,20 @@ def test_failing_models_are_rows_with_reasons(odd_models: list[str]) -> None:
     md = render_markdown(doc)
     assert "**zoo_test_broken** (build): RuntimeError: this network cannot run" in md
     assert "FAILED (groups)" in md
+
+
+def test_warnings_are_counted_per_model(monkeypatch: pytest.MonkeyPatch) -> None:
+    from prunebench.commands.models import check
+
+    def build_groups(*args, **kwargs):
+        logging.getLogger("prunebench.groups").warning("left whole (not pruned): a test group\nmore detail")
+        return original(*args, **kwargs)
+
+    original = check.build_groups
+    monkeypatch.setattr(check, "build_groups", build_groups)
+    doc = check_models(ZooConfig(models=("resnet8_cifar",), size=32, methods=("l1",)), quiet=True)
+    assert doc["models"][0]["warnings"] == {"left whole (not pruned): a test group": 1}
+    assert "- **resnet8_cifar**: left whole (not pruned): a test group" in render_markdown(doc)
 
 
 def test_unreachable_target_is_a_reason_not_a_crash() -> None:

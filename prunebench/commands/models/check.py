@@ -7,6 +7,8 @@ from __future__ import annotations
 import copy
 import logging
 import time
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 
 import torch
@@ -59,6 +61,7 @@ class ModelCheck:
     seconds: float = 0.0
     stage: str | None = None
     error: str | None = None
+    warnings: dict[str, int] = field(default_factory=dict)  # what prunebench warned while checking it: times seen
 
 
 def reason(exc: BaseException) -> str:
@@ -69,9 +72,38 @@ def reason(exc: BaseException) -> str:
 
 
 def check_model(name: str, cfg: ZooConfig, methods: dict[str, type[PruningMethod]]) -> ModelCheck:
-    """Check ``name`` (see the module docstring); never raises for a failure of the model or a method."""
-    start = time.perf_counter()
+    """Check ``name`` (see the module docstring); never raises for a failure of the model or a method. The
+    warnings prunebench logs meanwhile (groups left whole, a plan outside the band) are kept with it."""
     result = ModelCheck(name)
+    with _warnings_into(result.warnings):
+        _check(result, cfg, methods)
+    return result
+
+
+class _Collect(logging.Handler):
+    def __init__(self, seen: dict[str, int]) -> None:
+        super().__init__(logging.WARNING)
+        self.seen = seen
+
+    def emit(self, record: logging.LogRecord) -> None:
+        lines = record.getMessage().strip().splitlines()
+        msg = lines[0][:400] if lines else record.levelname
+        self.seen[msg] = self.seen.get(msg, 0) + 1
+
+
+@contextmanager
+def _warnings_into(seen: dict[str, int]) -> Iterator[None]:
+    """Count every WARNING (or worse) of the ``prunebench`` loggers into ``seen`` (they are still logged)."""
+    logger, handler = logging.getLogger("prunebench"), _Collect(seen)
+    logger.addHandler(handler)
+    try:
+        yield
+    finally:
+        logger.removeHandler(handler)
+
+
+def _check(result: ModelCheck, cfg: ZooConfig, methods: dict[str, type[PruningMethod]]) -> None:
+    start, name = time.perf_counter(), result.model
     stage = "build"
     try:
         torch.manual_seed(cfg.seed)
@@ -89,7 +121,7 @@ def check_model(name: str, cfg: ZooConfig, methods: dict[str, type[PruningMethod
     except Exception as exc:  # a model the harness cannot take: its row says why
         result.stage, result.error = stage, reason(exc)
         result.seconds = time.perf_counter() - start
-        return result
+        return
     result.macs = reach.dense_macs
     result.groups = {s: reach.scopes[s].groups for s in SCOPES}
     result.reach = {s: reach.scopes[s].reduction for s in SCOPES}
@@ -102,7 +134,6 @@ def check_model(name: str, cfg: ZooConfig, methods: dict[str, type[PruningMethod
         for method_name, cls in methods.items():
             result.cuts.append(_cut(model, x, cls, method_name, target, scope, cfg))
     result.seconds = time.perf_counter() - start
-    return result
 
 
 def _cut(

@@ -95,6 +95,13 @@ def render_markdown(doc: dict[str, Any]) -> str:
         "",
         *_failures(doc["models"]),
         "",
+        "## Warnings",
+        "",
+        "What prunebench warned while checking each model (groups left whole, plans outside the band), with "
+        "the number of times (once per group building or cut).",
+        "",
+        *_warnings(doc["models"]),
+        "",
     ]
     return "\n".join(lines)
 
@@ -172,6 +179,15 @@ def _failures(models: list[dict[str, Any]]) -> list[str]:
                 reasons.setdefault(c["error"] or "?", []).append(f"{c['method']} at {_target_label(c['target'])}")
         for why, where in reasons.items():
             out.append(f"- **{m['model']}** ({', '.join(where)}): {why}")
+    return out or ["None."]
+
+
+def _warnings(models: list[dict[str, Any]]) -> list[str]:
+    out = [
+        f"- **{m['model']}**" + (f" (x{n})" if n > 1 else "") + f": {msg}"
+        for m in models
+        for msg, n in m.get("warnings", {}).items()
+    ]
     return out or ["None."]
 
 
