@@ -25,7 +25,7 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
         "timm, then every timm model. PATTERN is a shell-style wildcard. With --check: build each model "
         "(random weights, nothing downloaded; default: one timm CNN per family and the CIFAR ResNets), count "
         "its prunable groups per scope, the largest MACs reduction each scope reaches, and whether every "
-        "method cuts it to 30%% and 50%% fewer MACs; write <out>/models.md and <out>/models.json.",
+        "method cuts it to 30% and 50% fewer MACs; write <out>/models.md and <out>/models.json.",
     )
     p.add_argument("pattern", nargs="*", help="model names or wildcards, e.g. '*cifar*' or 'resnet*'")
     p.add_argument("--check", action="store_true", help="check the models (default: one per family) and report")
