@@ -9,7 +9,8 @@ module reads the graph for the facts it needs to do that right (docs/methods.md,
 * :class:`GraphRules` -- the channel-gate multiplies ``x * gate(x)`` (squeeze-excitation, ECA, any channel
   attention computed from the same tensor), the conv/linear layers of their gate branches, and the
   split/concat pairs that only reassemble one tensor (MixNet's mixed kernels); none of them couples a
-  channel to another producer (:func:`is_coupled`);
+  channel to another producer (:func:`is_coupled`); and the splits, slices and concats a cut must not
+  pass (sizes the model keeps, widths torch-pruning cannot infer);
 * :func:`unknown_layer` -- a layer in a group that the cut would not resize (the group is left whole);
 * :func:`channel_groups`, :func:`is_depthwise`, :func:`norm_after` -- facts about one layer;
 * :func:`refresh_split_offsets`, :func:`sync_split_sizes` -- after a cut, the split offsets torch-pruning
@@ -20,6 +21,7 @@ from __future__ import annotations
 
 import itertools
 from collections.abc import Collection, Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import Any
 
@@ -51,34 +53,61 @@ def channel_groups(module: nn.Module) -> int:
     return 1
 
 
-def all_groups(graph: Any, frozen: list[nn.Module], failed: list[nn.Module]) -> Iterator[Any]:
+_MAX_MAPPED = 1 << 16  # indices a group may map through reshapes (a flatten before a linear layer: C*H*W)
+
+
+class _TooManyIndices(Exception):
+    """A group's channels fan out through reshapes into more indices than any flatten would give."""
+
+
+def all_groups(graph: Any, frozen: list[nn.Module], failed: dict[str, list[nn.Module]]) -> Iterator[Any]:
     """Every group of out-channels of a conv or linear layer, as torch-pruning's ``get_all_groups`` yields
     them (a group that would cut a ``frozen`` layer's out-channels is skipped); roots whose group the
-    library fails to build are appended to ``failed``."""
+    library fails to build, or maps through reshapes into more than ``_MAX_MAPPED`` indices (ResNeSt's
+    split attention reshapes the channels into radix x C / radix: millions of indices, minutes per model),
+    are added to ``failed`` under the reason."""
     visited: set[int] = set()
     ignored = {id(m) for m in [*frozen, *graph.IGNORED_LAYERS_IN_TRACING]}
     # Roots in the model's module order, producers before the layers that follow them (the library's order
     # is the reverse trace's): a depthwise conv reached first from a concat of x and f(x) (GhostNet) would
     # make a group whose recorded indices miss the ties between the two halves.
     in_graph = [m for m in graph.model.modules() if m in graph.module2node]
-    for m in in_graph:
-        if id(m) in ignored or id(m) in visited or not isinstance(m, (nn.Conv2d, nn.Linear)):
-            continue
-        pruner = graph.get_pruner_of_module(m)
-        if pruner is None or pruner.get_out_channels(m) is None:
-            continue
-        try:
-            group = graph.get_pruning_group(m, pruner.prune_out_channels, list(range(pruner.get_out_channels(m))))
-        except Exception:  # a structure torch-pruning cannot follow: that layer stays whole, never a crash
-            failed.append(m)
-            continue
-        prunable = True
-        for dep, _ in group:
-            if graph.is_out_channel_pruning_fn(dep.handler):
-                visited.add(id(dep.target.module))
-                prunable = prunable and id(dep.target.module) not in ignored
-        if prunable:
-            yield group
+    mapped = [0]
+    original = index_mapping._FlattenIndexMapping.__call__
+
+    def counted(self: Any, idxs: Any) -> Any:
+        out = original(self, idxs)
+        mapped[0] += len(out)
+        if mapped[0] > _MAX_MAPPED:
+            raise _TooManyIndices
+        return out
+
+    index_mapping._FlattenIndexMapping.__call__ = counted
+    try:
+        for m in in_graph:
+            if id(m) in ignored or id(m) in visited or not isinstance(m, (nn.Conv2d, nn.Linear)):
+                continue
+            pruner = graph.get_pruner_of_module(m)
+            if pruner is None or pruner.get_out_channels(m) is None:
+                continue
+            mapped[0] = 0
+            try:
+                group = graph.get_pruning_group(m, pruner.prune_out_channels, list(range(pruner.get_out_channels(m))))
+            except _TooManyIndices:
+                failed.setdefault("its channels are reshaped into other dimensions", []).append(m)
+                continue
+            except Exception as exc:  # a structure torch-pruning cannot follow: that layer stays whole, never a crash
+                failed.setdefault(f"torch-pruning could not build the group ({type(exc).__name__})", []).append(m)
+                continue
+            prunable = True
+            for dep, _ in group:
+                if graph.is_out_channel_pruning_fn(dep.handler):
+                    visited.add(id(dep.target.module))
+                    prunable = prunable and id(dep.target.module) not in ignored
+            if prunable:
+                yield group
+    finally:
+        index_mapping._FlattenIndexMapping.__call__ = original
 
 
 @dataclass(frozen=True)
@@ -88,24 +117,31 @@ class GraphRules:
     gate_muls: frozenset
     gate_modules: frozenset
     neutral: frozenset
-    fixed: frozenset  # splits and slices of the channels whose sizes the model keeps (not neutral, not whole)
+    fixed: frozenset  # channel splits/slices of sizes the model keeps (not neutral, not whole); unmapped concats
 
     @classmethod
-    def of(cls, graph: Any) -> GraphRules:
+    def of(cls, graph: Any, unmapped: Collection = ()) -> GraphRules:
+        """Read the rules off ``graph``; a gate that works on any number of channels (ECA: a conv along the
+        channel axis of the pooled vector) is cut out of the graph's dependencies, so that nothing in it
+        is asked to follow a cut."""
         muls, mods, neutral = set(), set(), set()
+        mixed = {id(c): id(m) for m in graph.model.modules() if isinstance(m, MixedConv2d) for c in m.values()}
         for node in graph.module2node.values():
             if node.type == _OP.ELEMENTWISE and len(node.inputs) == 2 and _is_mul(node):
                 a, b = node.inputs
-                branch = _gate_branch(b, a)
-                branch = branch if branch is not None else _gate_branch(a, b)
+                branch = _gate_branch(b, a, node)
+                branch = branch if branch is not None else _gate_branch(a, b, node)
                 if branch is not None:
                     muls.add(node)
-                    mods.update(branch)
-            elif node.type == _OP.SPLIT:
+                    layers = [n.module for n in branch if isinstance(n.module, CONV_LINEAR)]
+                    mods.update(layers)
+                    if any(n.type == _OP.RESHAPE for n in branch) and all(_channels(m) == (1, 1) for m in layers):
+                        _detach(graph, branch)
+            elif node.type == _OP.SPLIT and _mixed_conv_input(node, mixed):
                 cat = _reassembled_by(node)
                 if cat is not None:
                     neutral.update((node, cat))
-        fixed = {n for n in graph.module2node.values() if n not in neutral and _cuts_channels(n)}
+        fixed = {n for n in graph.module2node.values() if n not in neutral and _cuts_channels(n)} | set(unmapped)
         return cls(frozenset(muls), frozenset(mods), frozenset(neutral), frozenset(fixed))
 
     def is_producer(self, module: nn.Module) -> bool:
@@ -118,21 +154,43 @@ def _is_mul(node: Any) -> bool:
     return fn is not None and hasattr(fn, "name") and fn.name().startswith("MulBackward")
 
 
-def _gate_branch(gate: Any, x: Any) -> list[nn.Module] | None:
-    """The conv/linear layers of ``gate`` when it is computed from ``x`` alone (a chain of single-input
-    nodes back to ``x``) and ends in an activation, not a weighted layer; else ``None``."""
+def _gate_branch(gate: Any, x: Any, mul: Any) -> set | None:
+    """The nodes of ``gate``'s branch when it is computed from ``x`` alone (every path back from ``gate``
+    reaches ``x`` within a few nodes, and the branch feeds nothing but ``mul``) and ends in an activation,
+    not a weighted layer; else ``None``."""
     if gate.type in _WEIGHTED:
         return None
-    node, layers = gate, []
-    for _ in range(_GATE_DEPTH):
-        if len(node.inputs) != 1:
-            return None
-        if isinstance(node.module, CONV_LINEAR):
-            layers.append(node.module)
-        node = node.inputs[0]
+    branch, todo, reached = set(), [gate], False
+    while todo:
+        node = todo.pop()
         if node is x:
-            return layers
-    return None
+            reached = True
+            continue
+        if node in branch:
+            continue
+        branch.add(node)
+        if len(branch) > _GATE_DEPTH or not node.inputs:
+            return None
+        todo.extend(node.inputs)
+    inside = branch | {mul}
+    if not reached or any(o not in inside for n in branch for o in n.outputs):
+        return None
+    return branch
+
+
+def _channels(module: nn.Module) -> tuple[int, int]:
+    if isinstance(module, nn.Linear):
+        return module.in_features, module.out_features
+    return module.in_channels, module.out_channels
+
+
+def _detach(graph: Any, branch: set) -> None:
+    """Remove every dependency into or out of ``branch``: its channels follow nothing and lead nowhere."""
+    for node in graph.module2node.values():
+        if node in branch:
+            node.dependencies = []
+        else:
+            node.dependencies = [d for d in node.dependencies if d.target not in branch]
 
 
 def _cuts_channels(node: Any) -> bool:
@@ -170,6 +228,19 @@ def order_split_outputs(graph: Any) -> None:
             continue
         node.outputs = [o for _, o in sorted(zip(parts, node.outputs), key=lambda t: t[0])]
         index_mapping.update_split_index_mapping(graph, node)
+
+
+def _mixed_conv_input(split: Any, mixed: dict[int, int]) -> bool:
+    """Whether ``split`` feeds the convs of one ``MixedConv2d``, whose split sizes :func:`sync_split_sizes`
+    keeps right after a cut (another model's split sizes are its own business: Res2Net's ``self.width``)."""
+    owners = set()
+    for node in split.outputs:
+        for _ in range(4):  # through the padding of a Conv2dSame (tf_mixnet_s)
+            if isinstance(node.module, CONV_LINEAR) or len(node.inputs) != 1 or len(node.outputs) != 1:
+                break
+            node = node.outputs[0]
+        owners.add(mixed.get(id(node.module)))
+    return len(owners) == 1 and None not in owners
 
 
 def _reassembled_by(split: Any) -> Any:
@@ -232,6 +303,26 @@ def norm_after(graph: Any, module: nn.Module, neutral: Collection = ()) -> nn.Mo
         if node.type in _WEIGHTED or (len(node.inputs) != 1 and node not in neutral):
             return None
     return None
+
+
+@contextmanager
+def tolerant_concat_mapping(unmapped: list) -> Iterator[None]:
+    """torch-pruning's concat index mapping, with a concat whose input widths it cannot infer (a ``None``
+    among them: ``TypeError`` in ``sum``, CSPDarkNet-3's ``cs3darknet_s``) recorded in ``unmapped`` instead
+    of ending the whole trace; groups through it are then left whole (:attr:`GraphRules.fixed`)."""
+    original = index_mapping.update_concat_index_mapping
+
+    def update(graph: Any, node: Any) -> None:
+        try:
+            original(graph, node)
+        except TypeError:
+            unmapped.append(node)
+
+    index_mapping.update_concat_index_mapping = update
+    try:
+        yield
+    finally:
+        index_mapping.update_concat_index_mapping = original
 
 
 def remaps(tp_group: Any) -> bool:

@@ -22,7 +22,6 @@ does not move the indices of another.
 
 from __future__ import annotations
 
-import contextlib
 import logging
 import time
 from collections.abc import Iterable, Mapping, Sequence
@@ -48,7 +47,7 @@ from prunebench.budget import (
     unreachable,
     warn_outside_band,
 )
-from prunebench.depgraph import refresh_split_offsets, sync_split_sizes
+from prunebench.depgraph import refresh_split_offsets, sync_split_sizes, tolerant_concat_mapping
 from prunebench.errors import UserError
 from prunebench.groups import PrunableGroup, Scope, build_groups, index_mapping_refresh_skipped
 from prunebench.measure import count_macs
@@ -338,7 +337,7 @@ def cut(graph: Any, groups: Sequence[PrunableGroup], plan: Sequence[Tensor]) -> 
             cuts.setdefault(key, (g, []))[1].extend(g.root_channels(idx))
     stale = False
     for g, channels in cuts.values():
-        with contextlib.nullcontext() if stale else index_mapping_refresh_skipped():
+        with tolerant_concat_mapping([]) if stale else index_mapping_refresh_skipped():
             graph.get_pruning_group(g.root, g.tp_fn, sorted(set(channels))).prune()
         stale = g.coupled or g.extra.get("remaps", False)
         if stale:

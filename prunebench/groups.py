@@ -55,6 +55,7 @@ from prunebench.depgraph import (
     norm_after,
     order_split_outputs,
     remaps,
+    tolerant_concat_mapping,
     unknown_layer,
 )
 from prunebench.errors import UserError, close_matches
@@ -98,6 +99,8 @@ class GroupMember:
             return self.idxs
         per = self.module.in_channels // groups
         rows = self.idxs.sort(dim=1).values % per
+        if rows.shape[1] % groups:  # not a unit (a hand-built group): each in-channel's column
+            return rows
         return rows.reshape(rows.shape[0], groups, -1)[:, 0, :]
 
 
@@ -191,21 +194,22 @@ def build_groups(
     device = next(model.parameters()).device
     was_training = model.training
     left_whole: dict[str, list[str]] = {}
+    unmapped: list[Any] = []
     try:
-        with torch.enable_grad():  # torch-pruning traces through autograd
+        with torch.enable_grad(), tolerant_concat_mapping(unmapped):  # torch-pruning traces through autograd
             graph = tp.DependencyGraph().build_dependency(
                 model, example_input.to(device), customized_pruners=customized_pruners(), verbose=False
             )
         order_split_outputs(graph)
-        failed: list[nn.Module] = []
+        rules = GraphRules.of(graph, unmapped)  # before the groups: it detaches channel-agnostic gates
+        failed: dict[str, list[nn.Module]] = {}
         with index_mapping_refresh_skipped():
             tp_groups = list(all_groups(graph, frozen, failed))
     finally:
         model.train(was_training)  # tracing leaves the model in eval mode
-    if failed:
-        left_whole["torch-pruning could not build their groups"] = [names.get(m, "?") for m in failed]
+    for why, roots in failed.items():
+        left_whole[why] = [names.get(m, "?") for m in roots]
 
-    rules = GraphRules.of(graph)
     groups = [g for tg in tp_groups for g in _convert(graph, tg, names, rules, left_whole)]
     order = {m: i for i, m in enumerate(names)}
     groups.sort(key=lambda g: (order[g.root], g.name))
