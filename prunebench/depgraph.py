@@ -287,6 +287,8 @@ def unknown_layer(module: Any, known: Collection[type]) -> str | None:
         )
     if own and not type(module).__module__.startswith("torch_pruning"):
         return f"layer type {type(module).__name__} is not understood by the engine"
+    if "Convolution" in str(getattr(module, "_grad_fn", "")):  # F.conv2d with a buffer as weight (BlurPool2d)
+        return "a convolution whose weight is not a parameter (e.g. a blur filter) would keep its width"
     return None
 
 
