@@ -29,6 +29,7 @@ import torch_pruning as tp
 from timm.layers import MixedConv2d
 from torch import nn
 from torch_pruning.dependency import index_mapping
+from torch_pruning.dependency.group import Group
 
 NORM_TYPES = (nn.modules.batchnorm._BatchNorm, nn.GroupNorm, nn.LayerNorm)
 CONV_LINEAR = (nn.modules.conv._ConvNd, nn.Linear)
@@ -54,47 +55,64 @@ def channel_groups(module: nn.Module) -> int:
 
 
 _MAX_MAPPED = 1 << 16  # indices a group may map through reshapes (a flatten before a linear layer: C*H*W)
+_MAX_DEPS = 1000  # dependencies in one group (DenseNet-161: 150; DPN's sliced dual paths do not close)
 
 
-class _TooManyIndices(Exception):
-    """A group's channels fan out through reshapes into more indices than any flatten would give."""
+class TooManyIndices(Exception):
+    """A group's search grew past its bounds (:func:`bounded_search`)."""
+
+
+@contextmanager
+def bounded_search() -> Iterator[list[int]]:
+    """Bound torch-pruning's search for a group: more than ``_MAX_MAPPED`` indices mapped through reshapes
+    (ResNeSt's split attention reshapes the channels into radix x C / radix: millions of indices, minutes
+    per model) or more than ``_MAX_DEPS`` dependencies (DPN's dual paths slice the channels: the search
+    does not close) raise :class:`TooManyIndices`. Yields the two counters; reset them before each group."""
+    counts = [0, 0]
+    original, original_add = index_mapping._FlattenIndexMapping.__call__, Group.add_dep
+
+    def counted(self: Any, idxs: Any) -> Any:
+        counts[0] += len(idxs) * (1 if self.reverse else int(self._stride))  # before building them
+        if counts[0] > _MAX_MAPPED:
+            raise TooManyIndices("its channels are reshaped into other dims")
+        return original(self, idxs)
+
+    def add_dep(self: Any, dep: Any, idxs: Any) -> None:
+        counts[1] += 1
+        if counts[1] > _MAX_DEPS:
+            raise TooManyIndices(f"no closed group within {_MAX_DEPS} dependencies")
+        original_add(self, dep, idxs)
+
+    index_mapping._FlattenIndexMapping.__call__, Group.add_dep = counted, add_dep
+    try:
+        yield counts
+    finally:
+        index_mapping._FlattenIndexMapping.__call__, Group.add_dep = original, original_add
 
 
 def all_groups(graph: Any, frozen: list[nn.Module], failed: dict[str, list[nn.Module]]) -> Iterator[Any]:
     """Every group of out-channels of a conv or linear layer, as torch-pruning's ``get_all_groups`` yields
     them (a group that would cut a ``frozen`` layer's out-channels is skipped); roots whose group the
-    library fails to build, or maps through reshapes into more than ``_MAX_MAPPED`` indices (ResNeSt's
-    split attention reshapes the channels into radix x C / radix: millions of indices, minutes per model),
-    are added to ``failed`` under the reason."""
+    library fails to build, or whose search runs past the bounds of :func:`bounded_search`, are added to
+    ``failed`` under the reason."""
     visited: set[int] = set()
     ignored = {id(m) for m in [*frozen, *graph.IGNORED_LAYERS_IN_TRACING]}
     # Roots in the model's module order, producers before the layers that follow them (the library's order
     # is the reverse trace's): a depthwise conv reached first from a concat of x and f(x) (GhostNet) would
     # make a group whose recorded indices miss the ties between the two halves.
     in_graph = [m for m in graph.model.modules() if m in graph.module2node]
-    mapped = [0]
-    original = index_mapping._FlattenIndexMapping.__call__
-
-    def counted(self: Any, idxs: Any) -> Any:
-        out = original(self, idxs)
-        mapped[0] += len(out)
-        if mapped[0] > _MAX_MAPPED:
-            raise _TooManyIndices
-        return out
-
-    index_mapping._FlattenIndexMapping.__call__ = counted
-    try:
+    with bounded_search() as counts:
         for m in in_graph:
             if id(m) in ignored or id(m) in visited or not isinstance(m, (nn.Conv2d, nn.Linear)):
                 continue
             pruner = graph.get_pruner_of_module(m)
             if pruner is None or pruner.get_out_channels(m) is None:
                 continue
-            mapped[0] = 0
+            counts[0] = counts[1] = 0
             try:
                 group = graph.get_pruning_group(m, pruner.prune_out_channels, list(range(pruner.get_out_channels(m))))
-            except _TooManyIndices:
-                failed.setdefault("its channels are reshaped into other dimensions", []).append(m)
+            except TooManyIndices as exc:
+                failed.setdefault(str(exc), []).append(m)
                 continue
             except Exception as exc:  # a structure torch-pruning cannot follow: that layer stays whole, never a crash
                 failed.setdefault(f"torch-pruning could not build the group ({type(exc).__name__})", []).append(m)
@@ -106,8 +124,6 @@ def all_groups(graph: Any, frozen: list[nn.Module], failed: dict[str, list[nn.Mo
                     prunable = prunable and id(dep.target.module) not in ignored
             if prunable:
                 yield group
-    finally:
-        index_mapping._FlattenIndexMapping.__call__ = original
 
 
 @dataclass(frozen=True)

@@ -49,7 +49,9 @@ from torch_pruning.dependency import index_mapping
 from prunebench.depgraph import (
     NORM_TYPES,
     GraphRules,
+    TooManyIndices,
     all_groups,
+    bounded_search,
     channel_groups,
     is_coupled,
     norm_after,
@@ -214,7 +216,8 @@ def build_groups(
     order = {m: i for i, m in enumerate(names)}
     groups.sort(key=lambda g: (order[g.root], g.name))
     _warn_left_whole(left_whole)
-    return graph, _apply_scope(groups, scope, ignored_layers)
+    whole = sum(len(v) for v in left_whole.values())
+    return graph, _apply_scope(groups, scope, ignored_layers, whole)
 
 
 @contextmanager
@@ -357,8 +360,11 @@ def _untied(graph: Any, group: PrunableGroup) -> str | None:
     for the sub-group alone must give back exactly its members' indices (a split group's recorded indices
     can miss a tie that a second path to the same producer makes)."""
     channels = group.root_channels(torch.arange(group.size))
-    with index_mapping_refresh_skipped():
-        asked = graph.get_pruning_group(group.root, group.tp_fn, channels)
+    try:
+        with index_mapping_refresh_skipped(), bounded_search():
+            asked = graph.get_pruning_group(group.root, group.tp_fn, channels)
+    except TooManyIndices as exc:
+        return str(exc)
     got: dict[tuple[int, str], set[int]] = {}
     for item in asked:
         module = item.dep.target.module
@@ -445,7 +451,9 @@ def _reroot(graph: Any, group: PrunableGroup, names: dict[nn.Module, str], rules
     return group
 
 
-def _apply_scope(groups: list[PrunableGroup], scope: Scope, ignored: list[str | nn.Module]) -> list[PrunableGroup]:
+def _apply_scope(
+    groups: list[PrunableGroup], scope: Scope, ignored: list[str | nn.Module], whole: int = 0
+) -> list[PrunableGroup]:
     """Filter by scope; an empty result is a :class:`UserError` naming what left nothing to prune."""
     internal = [g for g in groups if not g.coupled]
     chosen = groups if scope == "all" else internal if scope == "internal" or internal else groups
@@ -457,6 +465,8 @@ def _apply_scope(groups: list[PrunableGroup], scope: Scope, ignored: list[str | 
         hint = "; use scope 'all'"
     elif ign:
         hint = "; remove some ignored layers"
+    elif whole:
+        hint = f"; {whole} groups are left whole because the engine cannot cut them (see the warning)"
     else:
         hint = "; the model has no conv/linear channels to prune besides the stem and the classifier"
     raise UserError(

@@ -300,6 +300,8 @@ HARD = {
     "cs3darknet_s": "a concat whose input widths torch-pruning cannot infer (it raised TypeError)",
     "res2net50_14w_8s": "splits of sizes the model keeps (self.width): groups through them stay whole",
     "resnest14d": "split attention reshapes the channels into radix x C/radix (minutes of index mapping)",
+    "dpn68": "dual paths slice the channels: the search for a group does not close (it ran past 3 minutes)",
+    "tresnet_m": "BlurPool2d: F.conv2d with a buffer as weight, which the cut would not resize",
 }
 
 
