@@ -153,6 +153,9 @@ class _ThenRegister:
     def __init__(self, loader: Any) -> None:
         self.loader = loader
 
+    def __getattr__(self, name: str) -> Any:  # get_code, get_source, is_package...: runpy (python -m) needs them
+        return getattr(self.loader, name)
+
     def create_module(self, spec: Any) -> Any:
         return self.loader.create_module(spec)
 
