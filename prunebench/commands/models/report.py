@@ -97,8 +97,8 @@ def render_markdown(doc: dict[str, Any]) -> str:
         "",
         "## Warnings",
         "",
-        "What prunebench warned while checking each model (groups left whole, plans outside the band), with "
-        "the number of times (once per group building or cut).",
+        "What prunebench logged as warnings while checking each model (groups left whole, plans outside the "
+        "band), with the number of times where more than once.",
         "",
         *_warnings(doc["models"]),
         "",
