@@ -378,6 +378,19 @@ def _match(gains: Sequence[Sequence[float]], pens: Sequence[Sequence[float]], lo
     return sel
 
 
+def capped_macs(
+    model: nn.Module,
+    groups: Sequence[PrunableGroup],
+    report: MacsReport,
+    max_layer_ratio: float,
+    round_to: int | None = None,
+    dense_widths: Mapping[str, int] | None = None,
+) -> float:
+    """The cost model's MACs with every one of ``groups`` cut to its cap: the floor a plan can reach."""
+    caps = np.asarray(group_caps(groups, max_layer_ratio, round_to, dense_widths), dtype=np.int64)
+    return MacsCostModel(model, groups, report).macs_for(caps)
+
+
 def resolve_auto_scope(
     model: nn.Module,
     groups: Sequence[PrunableGroup],
@@ -391,8 +404,7 @@ def resolve_auto_scope(
     ``target_macs``, and ``all`` otherwise (``groups`` are the groups of scope ``all``)."""
     internal = [g for g in groups if not g.coupled]
     if internal:
-        caps = np.asarray(group_caps(internal, max_layer_ratio, round_to, dense_widths), dtype=np.int64)
-        floor = MacsCostModel(model, internal, report).macs_for(caps)
+        floor = capped_macs(model, internal, report, max_layer_ratio, round_to, dense_widths)
         if floor <= target_macs * (1 + 1e-12):
             logger.info("scope auto: internal (its %d groups reach the target)", len(internal))
             return "internal", internal

@@ -21,10 +21,9 @@ import math
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 
-import numpy as np
 from torch import Tensor, nn
 
-from prunebench.budget import MacsCostModel, group_caps
+from prunebench.budget import capped_macs
 from prunebench.errors import UserError
 from prunebench.groups import PrunableGroup, build_groups
 from prunebench.measure import MacsReport, count_macs
@@ -99,9 +98,7 @@ def _reduction(
     """1 - (the cost model's MACs with every group at its cap) / dense MACs."""
     if not groups or report.macs <= 0:
         return 0.0
-    cost = MacsCostModel(model, groups, report)
-    caps = np.asarray(group_caps(groups, max_layer_ratio, round_to), dtype=np.int64)
-    return 1.0 - cost.macs_for(caps) / float(report.macs)
+    return 1.0 - capped_macs(model, groups, report, max_layer_ratio, round_to) / float(report.macs)
 
 
 def resolve_scope(reach: Reach, scope: str, targets: Sequence[float], *, model: str = "the model") -> tuple[str, str]:
