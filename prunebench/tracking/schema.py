@@ -19,6 +19,10 @@ STUDY_TAG = "prunebench.study"
 TRIAL_NUMBER_TAG = "prunebench.trial_number"
 TRIAL_STATE_TAG = "prunebench.trial_state"
 BEST_PARAMS_TAG = "prunebench.best_params"
+ONNX_ERROR_TAG = "prunebench.onnx_error"  # why a cell has no ONNX figures (the model did not export or run)
+NOTE_TAG = "mlflow.note.content"  # a run's description in MLflow's UI (Markdown): the parent's comparison table
+EXPERIMENT_KIND_TAG = "mlflow.experimentKind"  # on the experiment: which page MLflow 3's UI opens it on
+EXPERIMENT_KIND = "custom_model_development"  # model training (untagged, MLflow 3 opens the GenAI traces page)
 
 PARENT_KIND = "parent"  # one per ``prunebench run`` invocation
 CELL_KIND = "cell"  # one (method, seed, target) of the grid, nested under the parent
@@ -46,13 +50,31 @@ FINAL_METRICS = (
     "latency_ms",
     "latency_ms_batch",
     "speedup",
+    "speedup_spread",
 )
 """Logged once at the end of every cell (and control), at the cell's last step."""
-DENSE_METRICS = ("macs_conv_fc_dense", "dense_latency_ms", "dense_latency_ms_batch")
+DENSE_METRICS = (
+    "macs_conv_fc_dense",
+    "dense_latency_ms",
+    "dense_latency_ms_batch",
+    "dense_onnx_latency_ms",
+    "dense_onnx_latency_ms_batch",
+)
 """The dense model's figures, logged with the final metrics (the dense row of ``compare``)."""
+LATENCY_METRICS = (
+    "speedup_b1",
+    "speedup_b1_spread",
+    "onnx_latency_ms",
+    "onnx_latency_ms_batch",
+    "onnx_speedup",
+    "onnx_speedup_spread",
+)
+"""Paired timings of the pruned against the dense model (docs/tracking.md): ``speedup`` and ``onnx_speedup`` at
+the latency batch, ``speedup_b1`` at batch 1, each with its spread; the ONNX figures are absent, with
+:data:`ONNX_ERROR_TAG` saying why, when the model did not export."""
 SPARSITY_METRICS = ("sparsity_zero_frac", "sparsity_pull", "penalty_ratio")
 """The regularizer diagnostics of docs/methods.md, per sparsity epoch and final (regularized methods only)."""
-OPTIONAL_METRICS = (*DENSE_METRICS, *SPARSITY_METRICS)
+OPTIONAL_METRICS = (*DENSE_METRICS, *LATENCY_METRICS, *SPARSITY_METRICS)
 EPOCH_METRICS = ("train_loss", "train_penalty", "train_top1", "val_top1", "lr")
 """Logged every epoch of every stage, ``step`` = the cell's global epoch."""
 TRIAL_METRICS = ("val_top1", "objective", "macs", "macs_reduction")
@@ -66,6 +88,8 @@ NORMS_ARTIFACT = "sparsity_norms.json"
 TRACEBACK_ARTIFACT = "traceback.txt"
 TRIALS_ARTIFACT = "trials.csv"
 MODEL_ARTIFACT_DIR = "model"
+ONNX_ARTIFACT_DIR = "onnx"  # the cell's pruned model exported to ONNX (what onnx_latency_ms timed)
+COMPARE_ARTIFACT_DIR = "compare"  # on a parent run: the files of ``prunebench compare --out`` for it
 
 
 def epoch_metrics(stats: object) -> dict[str, float]:
