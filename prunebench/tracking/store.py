@@ -19,11 +19,12 @@ from pathlib import Path
 from typing import Any
 
 import mlflow
+from mlflow.entities import Experiment
 from mlflow.tracking import MlflowClient
 
 from prunebench.errors import UserError, one_line
 from prunebench.files import sqlite_lock
-from prunebench.tracking.schema import DEFAULT_URI
+from prunebench.tracking.schema import DEFAULT_URI, EXPERIMENT_KIND, EXPERIMENT_KIND_TAG
 
 CONNECT_TIMEOUT_S = 5  # an unreachable server fails the command in seconds, before any work
 WHERE_URI = "tracking.uri in the recipe, --tracking-uri, or MLFLOW_TRACKING_URI"
@@ -134,7 +135,8 @@ def check_uri(uri: str | None) -> str:
 
 
 def connect(uri: str | None, experiment: str) -> str:
-    """Point MLflow at ``uri`` and select ``experiment``; fail *before* any training if unreachable."""
+    """Point MLflow at ``uri`` and select ``experiment`` (created if new, and tagged as model training by
+    :func:`mark_experiment`); fail *before* any training if unreachable."""
     quiet_mlflow()
     uri = check_uri(uri)
     if uri.startswith(("http://", "https://")):
@@ -142,12 +144,20 @@ def connect(uri: str | None, experiment: str) -> str:
     mlflow.set_tracking_uri(uri)
     try:
         with fail_fast(), sqlite_lock(uri):
-            retry(mlflow.set_experiment, experiment, transient=is_race)
+            exp = retry(mlflow.set_experiment, experiment, transient=is_race)
+            mark_experiment(exp)
     except Exception as exc:  # unreachable server, bad scheme, deleted experiment, locked file...
         raise UserError(
             f"tracking URI {uri!r} cannot be used ({one_line(exc)}); start the server or fix the URI ({WHERE_URI})"
         ) from None
     return uri
+
+
+def mark_experiment(exp: Experiment) -> None:
+    """Tag ``exp`` as model training (``EXPERIMENT_KIND_TAG``), so MLflow 3's UI opens its runs rather than the
+    GenAI traces page; a kind already set (by the user, or another tool) is left as it is."""
+    if EXPERIMENT_KIND_TAG not in exp.tags:
+        retry(MlflowClient().set_experiment_tag, exp.experiment_id, EXPERIMENT_KIND_TAG, EXPERIMENT_KIND)
 
 
 def client(uri: str | None) -> MlflowClient:
