@@ -15,6 +15,7 @@ import io
 import json
 import shutil
 import socket
+import sqlite3
 import time
 from dataclasses import dataclass, field
 from html.parser import HTMLParser
@@ -481,7 +482,7 @@ def test_out_dir_writes_tables_and_valid_pngs(store: Store, capsys: pytest.Captu
 
     out = tmp_path / "report"
     _compare(store, "--out", str(out), "--layers-target", "0.6", capsys=capsys)
-    for name in ("table.md", "table.csv", "table.html", "table.json"):
+    for name in ("table.md", "table.csv", "table.html", "table.json", "report.html"):
         assert (out / name).stat().st_size > 0
     pngs = sorted(p.relative_to(out).as_posix() for p in out.rglob("*.png"))
     expected_curves = {f"curves/{m}_t{t:g}.png" for m in METHODS for t in TARGETS} | {"curves/dense_same_epochs.png"}
@@ -611,9 +612,83 @@ def test_the_files_written_are_logged_after_the_table(
     out = tmp_path / "tables"
     assert cli.main(["compare", "--tracking-uri", store.uri, "--out", str(out), "--no-plots"]) == 0
     lines = capsys.readouterr().out.rstrip().splitlines()
-    assert lines[-1] == f"wrote 4 files to {out}: table.md, table.csv, table.html, table.json"
-    assert any(line.startswith("dense ") for line in lines[:-1])  # the table came first
+    assert lines[-2] == f"wrote 5 files to {out}: table.md, table.csv, table.html, table.json, report.html"
+    assert lines[-1] == f"logged them to MLflow, parent run {store.parent}"
+    assert any(line.startswith("dense ") for line in lines[:-2])  # the table came first
     assert cli.main(["compare", "--tracking-uri", store.uri, "--out", str(out), "--no-plots", "-q"]) == 0
     assert "wrote" not in capsys.readouterr().out
     assert cli.main(["compare", "--tracking-uri", store.uri, "--out", str(out), "--no-plots", "--format", "json"]) == 0
     json.loads(capsys.readouterr().out)  # stdout stays machine-readable
+
+
+def _fresh_store(root: Path, parent_artifacts: str | None = None) -> Store:
+    """A new small store (one invocation: 2 methods x 2 seeds, one target): run ids no other test has used,
+    since MLflow caches each run's artifact location by run id. ``parent_artifacts`` moves the parent run's."""
+    uri = f"sqlite:///{root / 'mlflow.db'}"
+    client = MlflowClient(uri)
+    exp_id = client.create_experiment(EXPERIMENT, artifact_location=(root / "artifacts").as_uri())
+    parent = client.create_run(exp_id, tags={"prunebench.kind": "parent", "prunebench.recipe": EXPERIMENT}).info.run_id
+    rng = np.random.default_rng(1)
+    for method in METHODS:
+        for seed in SEEDS:
+            _log_cell(client, exp_id, parent, method, seed, 0.3, _metrics(rng, method, seed, 0.3), root)
+    client.set_terminated(parent)
+    if parent_artifacts is not None:
+        with sqlite3.connect(root / "mlflow.db") as db:
+            db.execute("UPDATE runs SET artifact_uri = ? WHERE run_uuid = ?", (parent_artifacts, parent))
+    return Store(uri, root, parent, "")
+
+
+def _artifact_files(client: MlflowClient, run_id: str, path: str) -> set[str]:
+    """Every file under ``path`` among ``run_id``'s artifacts, recursively."""
+    found: set[str] = set()
+    for info in client.list_artifacts(run_id, path):
+        found |= _artifact_files(client, run_id, info.path) if info.is_dir else {info.path}
+    return found
+
+
+def test_out_files_are_logged_to_the_parent_run_under_compare(
+    capsys: pytest.CaptureFixture[str], tmp_path: Path
+) -> None:
+    here = _fresh_store(tmp_path)
+    client = MlflowClient(here.uri)
+    out = tmp_path / "out"
+    _compare(here, "--out", str(out), "--no-log", capsys=capsys)
+    assert client.list_artifacts(here.parent, "compare") == []  # --no-log: the files stay on disk only
+    assert cli.main(["compare", "--tracking-uri", here.uri, "--out", str(out)]) == 0
+    assert f"logged them to MLflow, parent run {here.parent}" in capsys.readouterr().out
+    written = {p.relative_to(out).as_posix() for p in out.rglob("*") if p.is_file()}
+    assert {"report.html", "table.md", "tradeoff.png"} <= written and any(w.startswith("curves/") for w in written)
+    assert _artifact_files(client, here.parent, "compare") == {f"compare/{w}" for w in written}
+    logged = Path(client.download_artifacts(here.parent, "compare/report.html", str(tmp_path)))
+    assert logged.read_bytes() == (out / "report.html").read_bytes()
+
+
+def test_a_store_that_refuses_the_files_is_a_warning_and_a_note(
+    capsys: pytest.CaptureFixture[str], tmp_path: Path
+) -> None:
+    blocker = tmp_path / "a-file"
+    blocker.write_text("not a folder")  # no folder can be made under a file, even by root
+    here = _fresh_store(tmp_path, parent_artifacts=(blocker / "artifacts").as_uri())
+    out = tmp_path / "out"
+    assert cli.main(["compare", "--tracking-uri", here.uri, "--out", str(out), "--no-plots"]) == 0
+    captured = capsys.readouterr()
+    assert f"could not log the files to parent run {here.parent}" in captured.err
+    assert "logged them" not in captured.out
+    notes = json.loads((out / "table.json").read_text())["notes"]
+    assert any(f"could not log the files to parent run {here.parent}" in n for n in notes)
+    assert "could not log the files" in (out / "report.html").read_text()
+
+
+def test_cells_without_a_parent_run_are_not_logged_and_a_note_says_so(
+    store: Store, capsys: pytest.CaptureFixture[str], tmp_path: Path
+) -> None:
+    copy = tmp_path / "orphans.db"
+    shutil.copy(store.root / "mlflow.db", copy)
+    client = MlflowClient(f"sqlite:///{copy}")
+    for parent in (store.parent, store.old_parent):
+        client.delete_run(parent)
+    out = tmp_path / "out"
+    doc = _json(Store(f"sqlite:///{copy}", tmp_path, "", ""), capsys, "--out", str(out), "--no-plots")
+    note = f"the selection has no parent run: the files in {out} were not logged to MLflow"
+    assert note in doc["notes"] and note in json.loads((out / "table.json").read_text())["notes"]

@@ -27,7 +27,7 @@ DESCRIPTION = (
 EPILOG = """\
 examples:
   prunebench compare                                  # latest invocation of the only experiment
-  prunebench compare --experiment quickstart --out reports/quickstart
+  prunebench compare --experiment quickstart --out reports/quickstart   # + report.html, logged to MLflow
   prunebench compare --all-runs --filter "params.method != 'random'" --format md
   prunebench compare --run-id 3f2a... --format json > table.json"""
 
@@ -85,7 +85,10 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
         "--out",
         type=Path,
         metavar="DIR",
-        help="also write table.md, table.csv, table.html, table.json and PNG plots into DIR",
+        help="also write table.md, table.csv, table.html, table.json, the PNG plots and report.html (the table, "
+        "verdicts, notes and every plot in one self-contained file) into DIR, and log these files to the selected "
+        "parent run(s) in MLflow, under the artifact folder compare/ (not done when the cells have no parent run; "
+        "a store that refuses the files is a warning)",
     )
     out.add_argument(
         "--layers-target",
@@ -93,7 +96,10 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
         metavar="T",
         help="target of the per-layer channels and sorted-norms plots (default: the smallest target)",
     )
-    out.add_argument("--no-plots", action="store_true", help="with --out, write the tables only")
+    out.add_argument("--no-plots", action="store_true", help="with --out, write the tables and report.html only")
+    out.add_argument(
+        "--no-log", action="store_true", help="with --out, write the files only: do not log them to MLflow"
+    )
     out.add_argument(
         "--alpha", type=float, default=0.05, help="significance level of the t-test verdicts (default: 0.05)"
     )
@@ -120,6 +126,7 @@ def run(args: argparse.Namespace) -> int:
         out=args.out,
         layers_target=args.layers_target,
         plots=not args.no_plots,
+        log=not args.no_log,
         alpha=args.alpha,
     )
     report = compare(config)
@@ -127,4 +134,6 @@ def run(args: argparse.Namespace) -> int:
     if report.written and args.format == "text":  # other formats are machine-read from stdout: nothing else there
         names = ", ".join(str(p.relative_to(args.out)) for p in report.written)
         log.info("\nwrote %d files to %s: %s", len(report.written), args.out, names)
+        for run_id in report.logged_to:
+            log.info("logged them to MLflow, parent run %s", run_id)
     return 0

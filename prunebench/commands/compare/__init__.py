@@ -8,7 +8,10 @@
   test of each target's lead (:mod:`~prunebench.commands.compare.report` holds the result together);
 * :mod:`~prunebench.commands.compare.rendering` -- text, Markdown, CSV, HTML or JSON;
 * :mod:`~prunebench.commands.compare.plots` -- PNG figures from the tidy frames of
-  :mod:`~prunebench.commands.compare.artifacts` (``--out DIR``).
+  :mod:`~prunebench.commands.compare.artifacts` (``--out DIR``), gathered with the table into one
+  self-contained ``report.html`` by :mod:`~prunebench.commands.compare.html_report`;
+* :mod:`~prunebench.commands.compare.publish` -- the files of ``--out`` logged to the selected parent run(s),
+  and the Markdown table ``prunebench run`` puts in its parent run's description.
 
 The command line is in :mod:`prunebench.cli.compare`. docs/tracking.md lists what is read; docs/fairness.md
 why the statistics pair methods by seed.
@@ -26,6 +29,8 @@ from mlflow.tracking import MlflowClient
 
 from prunebench.commands.compare import plots
 from prunebench.commands.compare.artifacts import load_history, load_layers, load_norms, stage_epochs
+from prunebench.commands.compare.html_report import write_report
+from prunebench.commands.compare.publish import comparison_note, log_outputs, target_runs, unlogged_note
 from prunebench.commands.compare.reading import Selection, open_client, select
 from prunebench.commands.compare.rendering import FORMATS, OUT_FILES, render
 from prunebench.commands.compare.report import Comparison, build
@@ -33,7 +38,16 @@ from prunebench.errors import UserError
 from prunebench.files import atomic_write_text
 from prunebench.tracking.store import resolve_uri
 
-__all__ = ["FORMATS", "CompareConfig", "Comparison", "Report", "Selection", "compare", "write_outputs"]
+__all__ = [
+    "FORMATS",
+    "CompareConfig",
+    "Comparison",
+    "Report",
+    "Selection",
+    "compare",
+    "comparison_note",
+    "write_outputs",
+]
 
 
 @dataclass
@@ -49,6 +63,7 @@ class CompareConfig:
     out: Path | None = None  # also write every table format and the plots here
     layers_target: float | None = None  # target of the per-layer and norms plots; None: the smallest
     plots: bool = True  # with out: the PNG plots besides the tables
+    log: bool = True  # with out: log the files to the selected parent run(s) under compare/
     alpha: float = 0.05  # significance level of the verdicts
 
 
@@ -59,10 +74,12 @@ class Report:
     comparison: Comparison
     text: str
     written: list[Path] = field(default_factory=list)
+    logged_to: list[str] = field(default_factory=list)  # parent runs the written files were logged to
 
 
 def compare(config: CompareConfig) -> Report:
-    """Select, read, aggregate, test and render; write ``config.out`` when given."""
+    """Select, read, aggregate, test and render; write ``config.out`` when given and log its files to the
+    selected parent run(s) (``config.log``)."""
     if config.format not in FORMATS:
         raise UserError(f"format {config.format!r} is not one of {', '.join(FORMATS)}")
     if not 0 < config.alpha < 1:
@@ -72,11 +89,17 @@ def compare(config: CompareConfig) -> Report:
     selection = select(client, uri, config.experiment, config.run_ids, config.all_runs, config.filter_string)
     comp = build(client, selection, config.alpha)
     written: list[Path] = []
+    logged: list[str] = []
     if config.out is not None:
+        parents = target_runs(comp) if config.log else []
+        if config.log and not parents:
+            comp.notes.append(unlogged_note(config.out))  # cells logged by another tool: no run to log to
         written = write_outputs(client, comp, config.out, config.layers_target, with_plots=config.plots)
+        if parents:
+            logged = publish_outputs(client, comp, parents, config.out, written)
     elif config.layers_target is not None:
         pick_layers_target(comp, config.layers_target)  # still validate the value the user gave
-    return Report(comp, render(comp, config.format), written)
+    return Report(comp, render(comp, config.format), written, logged)
 
 
 def pick_layers_target(comp: Comparison, wanted: float | None) -> float:
@@ -113,14 +136,34 @@ def _write_plots(client: MlflowClient, comp: Comparison, out_dir: Path, target: 
     return written
 
 
+def _write_documents(comp: Comparison, out_dir: Path, plots: list[Path]) -> list[Path]:
+    """table.{md,csv,html,json} and report.html (with ``plots`` inlined); return the paths written."""
+    written = []
+    for fmt, name in OUT_FILES.items():
+        atomic_write_text(out_dir / name, render(comp, fmt))
+        written.append(out_dir / name)
+    return [*written, write_report(comp, out_dir, plots)]
+
+
 def write_outputs(
     client: MlflowClient, comp: Comparison, out_dir: Path, layers_target: float | None = None, with_plots: bool = True
 ) -> list[Path]:
-    """Write table.{md,csv,html,json} and the PNG plots into ``out_dir``; return the paths written."""
+    """Write the PNG plots, table.{md,csv,html,json} and report.html into ``out_dir``; return the paths written."""
     target = pick_layers_target(comp, layers_target)
     out_dir.mkdir(parents=True, exist_ok=True)
-    written = _write_plots(client, comp, out_dir, target) if with_plots else []
-    for fmt, name in OUT_FILES.items():  # tables last, so they carry the notes the plots added
-        atomic_write_text(out_dir / name, render(comp, fmt))
-        written.append(out_dir / name)
-    return written
+    plots = _write_plots(client, comp, out_dir, target) if with_plots else []
+    return [*plots, *_write_documents(comp, out_dir, plots)]  # tables last: they carry the plots' notes
+
+
+def publish_outputs(
+    client: MlflowClient, comp: Comparison, parents: list[str], out_dir: Path, written: list[Path]
+) -> list[str]:
+    """Log ``written`` to the ``parents`` runs under compare/; return the runs logged to.
+
+    A run that refuses the files (a read-only store) is a warning and a note: the tables and report.html
+    are written again with it, so the files on disk say that MLflow does not have them."""
+    logged, notes = log_outputs(client, parents, out_dir, written)
+    if notes:
+        comp.notes.extend(notes)
+        _write_documents(comp, out_dir, [p for p in written if p.suffix == ".png"])
+    return logged

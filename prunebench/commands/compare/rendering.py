@@ -181,21 +181,35 @@ def to_csv(comp: Comparison) -> str:
     return comp.table.to_csv(index=False)
 
 
-def to_html(comp: Comparison) -> str:
-    """A standalone HTML page: the display table, the tests and the notes."""
+HTML_STYLE = (
+    "body{font-family:sans-serif} table{border-collapse:collapse} td,th{padding:2px 8px;"
+    "border-bottom:1px solid #ccc;text-align:right} td:first-child,th:first-child{text-align:left}"
+)
+
+
+def html_page(heading: str, body: str, style: str = HTML_STYLE) -> str:
+    """A standalone HTML page around ``body``: inline style only, no external reference."""
+    return (
+        f'<!DOCTYPE html>\n<html lang="en"><head><meta charset="utf-8"><title>{html.escape(heading)}</title>\n'
+        f"<style>{style}</style></head><body>\n{body}</body></html>\n"
+    )
+
+
+def html_body(comp: Comparison) -> str:
+    """The HTML of the comparison: title, selection, the display table, legend, tests and notes."""
     tests = comp.tests.rename(columns={"p_value": "p", "statistic": "t"})
     notes = "".join(f"<li>{html.escape(n)}</li>" for n in comp.notes)
     return (
-        '<!DOCTYPE html>\n<html><head><meta charset="utf-8"><title>prunebench compare</title>\n'
-        "<style>body{font-family:sans-serif} table{border-collapse:collapse} td,th{padding:2px 8px;"
-        "border-bottom:1px solid #ccc;text-align:right} td:first-child,th:first-child{text-align:left}</style>"
-        "</head><body>\n"
         f"<h3>{html.escape(title(comp))}</h3>\n<p>{html.escape(comp.selection.describe())}</p>\n"
         f"{display_frame(comp).to_html(index=False, escape=True)}\n<p>{html.escape(_legend(comp))}</p>\n"
         f"<h4>Best per target</h4>\n{tests.to_html(index=False, na_rep='', float_format='{:.4g}'.format)}\n"
         + (f"<h4>Notes</h4><ul>{notes}</ul>\n" if notes else "")
-        + "</body></html>\n"
     )
+
+
+def to_html(comp: Comparison) -> str:
+    """A standalone HTML page: the display table, the tests and the notes."""
+    return html_page("prunebench compare", html_body(comp))
 
 
 def _records(frame: pd.DataFrame) -> list[dict[str, Any]]:
