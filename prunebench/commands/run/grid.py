@@ -1,6 +1,7 @@
 """The grid of one ``prunebench run``: every (method, seed, target) cell of a recipe, plus a dense control
 per seed, under one MLflow parent run. Checks run first, so a bad recipe is refused before any run or file
-exists; ``--resume`` reopens the latest parent run of the same recipe and skips its finished cells.
+exists; ``--resume`` reopens the latest parent run of the same recipe and skips its finished cells. At the
+end the parent run's description (MLflow's note) holds the comparison table of its cells.
 See docs/architecture.md (the run command, resume) and docs/tracking.md (the runs)."""
 
 from __future__ import annotations
@@ -14,7 +15,7 @@ from prunebench.commands.run.cell import run_isolated
 from prunebench.commands.run.context import Context, check_regularizers, preflight
 from prunebench.commands.run.dense import DenseStart, dense_start
 from prunebench.commands.run.phases import CONTROL, label
-from prunebench.commands.run.summary import CellResult, RunSummary
+from prunebench.commands.run.summary import CellResult, RunSummary, set_parent_note
 from prunebench.recipe import Recipe, dump_recipe
 from prunebench.registry import broken_methods
 from prunebench.tracking import runs, schema, store
@@ -78,4 +79,5 @@ def run_recipe(recipe: Recipe, *, quiet: bool = False, resume: bool = False) -> 
                 start = start or dense_start(ctx, seed)
                 results.append(run_isolated(ctx, start, spec, seed, target, key, old))
         summary = RunSummary(parent.info.run_id, recipe.experiment, uri, results)
+        set_parent_note(summary)  # the comparison of every cell of this parent, resumed ones included
     return summary

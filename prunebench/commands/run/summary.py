@@ -1,14 +1,23 @@
 """What ``prunebench run`` returns and prints at the end: one :class:`CellResult` per cell (and per dense
-control), the :class:`RunSummary` of the invocation and its closing table (:func:`format_summary`).
-The metrics themselves are described in docs/tracking.md."""
+control), the :class:`RunSummary` of the invocation and its closing table (:func:`format_summary`), and
+the parent run's description in MLflow (:func:`set_parent_note`: the comparison table of ``prunebench
+compare``). The metrics themselves are described in docs/tracking.md."""
 
 from __future__ import annotations
 
+import logging
 from dataclasses import dataclass, field
 
 from tabulate import tabulate
 
+from prunebench.commands.compare import comparison_note
+from prunebench.commands.compare.publish import NOTE_MAX_CHARS
 from prunebench.commands.run.phases import CONTROL_LABEL
+from prunebench.errors import UserError, one_line
+from prunebench.tracking import runs
+from prunebench.tracking.schema import NOTE_TAG
+
+log = logging.getLogger(__name__)
 
 _HEADERS = ("method", "seed", "target", "top1", "dense", "MACs(M)", "red.", "params(M)", "speedup", "zeroed")
 _ALIGN = ("left", *("right",) * (len(_HEADERS) - 1), "left")
@@ -86,3 +95,27 @@ def format_summary(summary: RunSummary) -> str:
         f"{table}\n\nMLflow: {summary.tracking_uri}  experiment {summary.experiment!r}  parent run "
         f"{summary.parent_run_id}\nCompare: prunebench compare --experiment {summary.experiment!r}"
     )
+
+
+def parent_note(summary: RunSummary) -> str:
+    """The parent run's description (Markdown): the comparison of its cells as ``prunebench compare`` renders
+    it; when there is none (no cell finished), why, and the closing table of the run."""
+    try:
+        return comparison_note(summary.tracking_uri, summary.parent_run_id)
+    except UserError as exc:
+        why = str(exc)
+    except Exception as exc:  # a comparison bug must not cost the run its description
+        why = f"{type(exc).__name__}: {one_line(exc)}"
+        log.warning("could not build the comparison table for the parent run's description (%s)", why)
+    head = f"**No comparison table**: {why}\n\nThe cells of this run:\n\n"
+    table = format_summary(summary)[: NOTE_MAX_CHARS - len(head) - 20]
+    return f"{head}```\n{table}\n```\n"
+
+
+def set_parent_note(summary: RunSummary) -> None:
+    """Write :func:`parent_note` into the active (parent) run's description; a failure is a warning only:
+    the cells are logged, the description is a convenience."""
+    try:
+        runs.set_tags({NOTE_TAG: parent_note(summary)})
+    except Exception as exc:
+        log.warning("could not write the parent run's description in MLflow (%s)", one_line(exc))
