@@ -14,6 +14,7 @@ from mlflow.tracking import MlflowClient
 
 from conftest import TINY_RECIPE
 from prunebench.cli import main
+from prunebench.commands.compare.publish import NOTE_MAX_CHARS, fit_note
 from prunebench.commands.run.summary import CellResult, RunSummary, parent_note
 from prunebench.tracking import store
 from prunebench.tracking.schema import EXPERIMENT_KIND, EXPERIMENT_KIND_TAG, KIND_TAG, NOTE_TAG, PARENT_KIND
@@ -100,3 +101,13 @@ def test_without_a_finished_cell_the_description_says_so_with_the_closing_table(
     assert "FAILED: DivergedError: loss is nan" in note and f"parent run {parent}" in note
     client.set_tag(parent, NOTE_TAG, note)  # a valid tag value (MLflow refuses one over 8000 characters)
     assert client.get_run(parent).data.tags[NOTE_TAG] == note
+
+
+def test_a_long_note_is_cut_at_a_line_to_fit_a_tag() -> None:
+    table = "\n".join(f"| method {i:04d} | {i} |" for i in range(1000))  # about 20,000 characters
+    note = fit_note(table, "the whole table is `prunebench compare --run-id X`")
+    assert len(note) <= NOTE_MAX_CHARS == 8000
+    assert note.endswith("the whole table is `prunebench compare --run-id X`)_\n")
+    kept = note.split("\n\n_(truncated")[0].splitlines()
+    assert kept == table.splitlines()[: len(kept)] and len(kept) > 300  # whole lines, as many as fit
+    assert fit_note("short", "never said") == "short"
