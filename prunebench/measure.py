@@ -11,15 +11,15 @@ from __future__ import annotations
 
 import copy
 import logging
-import statistics
-import time
 import warnings
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 
 import torch
 from torch import Tensor, nn
+
+from prunebench.timing import Paired, interleaved, pair
 
 with warnings.catch_warnings():  # fvcore's imports warn about deprecated iopath/portalocker usage
     warnings.simplefilter("ignore")
@@ -119,38 +119,48 @@ def latency_ready(model: nn.Module, device: str | torch.device) -> nn.Module:
     return net.to(memory_format=torch.channels_last)
 
 
-def measure_latency(
-    model: nn.Module,
-    example_input_shape: Sequence[int],
-    device: str | torch.device,
+Caller = Callable[[int], Callable[[], object]]
+"""A model ready for timing: batch size -> one call on a prepared input of that batch (no argument)."""
+
+
+def forward_call(net: nn.Module, x: Tensor) -> Callable[[], None]:
+    """One forward of ``net`` on ``x`` as latency is measured: eval mode under ``inference_mode``, and bf16
+    autocast on CUDA as a deployment would; pass a model from :func:`latency_ready`."""
+    net.eval()
+    cuda = x.device.type == "cuda"
+
+    def run() -> None:
+        with torch.inference_mode(), torch.autocast(x.device.type, dtype=torch.bfloat16, enabled=cuda):
+            net(x)
+
+    return run
+
+
+def eager_caller(model: nn.Module, sample_shape: Sequence[int], device: str | torch.device) -> Caller:
+    """``model`` timed in eager PyTorch: a :func:`latency_ready` copy (channels_last) called on random inputs."""
+    device = torch.device(device)
+    net = latency_ready(model, device)
+    return lambda batch: forward_call(net, latency_input(batch, sample_shape, device))
+
+
+def paired_latency(
+    callers: Mapping[str, Caller],
+    baselines: Mapping[str, str],
     batch_sizes: Sequence[int] = (1, 64),
     warmup: int = 3,
-    repeats: int = 10,
-) -> dict[int, float]:
-    """Median milliseconds per forward pass at each batch size.
+    rounds: int = 10,
+) -> dict[int, dict[str, Paired]]:
+    """Batch size -> variant -> its latency and speedup against its baseline, all timed in the same rounds.
 
-    ``example_input_shape`` is one sample's shape (``C, H, W``; a leading batch dimension is dropped).
-    Runs on a copy of the model (see :func:`latency_ready`: channels_last on every device), in eval
-    mode under ``inference_mode``; on CUDA with bf16 autocast, as a deployment would, and with a
-    synchronize around every timed call so the figure is the kernel time, not launch time.
+    ``baselines`` maps each variant to compare to the caller it is compared with (e.g. ``pruned -> dense``,
+    ``pruned_onnx -> dense_onnx``). Every caller runs in every round of :func:`prunebench.timing.interleaved`,
+    so a load change falls on all of them; a speedup is the median of the per-round ratios and its spread
+    says how much the rounds disagreed.
     """
-    device = torch.device(device)
-    shape = tuple(example_input_shape)[-3:] if len(example_input_shape) >= 4 else tuple(example_input_shape)
-    cuda = device.type == "cuda"
-    net = latency_ready(model, device)
-    out: dict[int, float] = {}
-    for bs in batch_sizes:
-        x = latency_input(bs, shape, device)
-        times = []
-        with torch.inference_mode(), torch.autocast(device.type, dtype=torch.bfloat16, enabled=cuda):
-            for i in range(warmup + repeats):
-                _sync(device)
-                t0 = time.perf_counter()
-                net(x)
-                _sync(device)
-                if i >= warmup:
-                    times.append((time.perf_counter() - t0) * 1e3)
-        out[int(bs)] = statistics.median(times)
+    out: dict[int, dict[str, Paired]] = {}
+    for bs in dict.fromkeys(int(b) for b in batch_sizes):
+        times = interleaved({name: make(bs) for name, make in callers.items()}, rounds, warmup)
+        out[bs] = {name: pair(times[name], times[base]) for name, base in baselines.items()}
     return out
 
 
@@ -158,8 +168,3 @@ def latency_input(batch: int, shape: Sequence[int], device: torch.device) -> Ten
     """A random input batch of one sample ``shape`` (``C, H, W``), channels_last when it is an image batch."""
     x = torch.randn((batch, *shape), device=device)
     return x.contiguous(memory_format=torch.channels_last) if x.dim() == 4 else x
-
-
-def _sync(device: torch.device) -> None:
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)

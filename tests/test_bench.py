@@ -17,7 +17,6 @@ from prunebench.commands.bench import (
     TARGETS,
     BenchConfig,
     check_targets,
-    interleaved,
     is_noisy,
     paired_ratio,
     render_markdown,
@@ -163,18 +162,6 @@ def test_speedup_misses_are_reported_per_method_and_rounding() -> None:
         "speedup_efficiency[thinet]",
         "speedup_efficiency_rounded[l1+round8]",
     }
-
-
-def test_interleaved_times_every_function_each_round_after_warmup() -> None:
-    import torch
-
-    calls: list[str] = []
-    t = interleaved(
-        {"a": lambda: calls.append("a"), "b": lambda: calls.append("b")}, reps=3, warmup=2, device=torch.device("cpu")
-    )
-    assert len(t["a"]) == len(t["b"]) == 3 and all(x >= 0 for x in t["a"] + t["b"])
-    assert calls.count("a") == calls.count("b") == 5
-    assert calls[:4] == ["a", "b", "b", "a"]  # the order rotates from round to round
 
 
 def test_paired_ratio_is_the_median_of_per_round_ratios() -> None:

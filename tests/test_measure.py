@@ -10,7 +10,7 @@ import torch
 from torch import nn
 
 import prunebench.models  # noqa: F401  (registers the CIFAR models into timm)
-from prunebench.measure import count_macs, measure_latency
+from prunebench.measure import count_macs, eager_caller, paired_latency
 
 
 @pytest.fixture(autouse=True)
@@ -61,17 +61,21 @@ def test_resnet18_counts_are_consistent() -> None:
     assert r.by_module[""] == r.macs and r.by_module["layer1.0.bn1"] > 0
 
 
-def test_latency_on_cpu_leaves_the_model_alone() -> None:
-    model = timm.create_model("resnet8_cifar", num_classes=10).train()
-    ms = measure_latency(model, (3, 32, 32), "cpu", batch_sizes=(1, 4), warmup=1, repeats=3)
-    assert set(ms) == {1, 4} and all(v > 0 for v in ms.values())
-    assert model.training and next(model.parameters()).is_contiguous()
-    assert measure_latency(model, (1, 3, 32, 32), "cpu", batch_sizes=(2,), warmup=0, repeats=1).keys() == {2}
+def test_paired_latency_on_cpu_leaves_the_models_alone() -> None:
+    dense = timm.create_model("resnet8_cifar", num_classes=10).train()
+    small = nn.Sequential(nn.Conv2d(3, 4, 1), nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(4, 10))
+    callers = {"dense": eager_caller(dense, (3, 32, 32), "cpu"), "small": eager_caller(small, (3, 32, 32), "cpu")}
+    res = paired_latency(callers, {"small": "dense"}, batch_sizes=(1, 4, 4), warmup=1, rounds=3)
+    assert set(res) == {1, 4} and set(res[1]) == {"small"}
+    for p in (res[1]["small"], res[4]["small"]):
+        assert 0 < p.ms < p.baseline_ms and p.speedup > 1 and p.spread >= 0
+    assert dense.training and next(dense.parameters()).is_contiguous()  # the callers timed copies
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
-def test_latency_on_cuda() -> None:
+def test_paired_latency_on_cuda() -> None:
     model = timm.create_model("resnet20_cifar", num_classes=10)
-    ms = measure_latency(model, (3, 32, 32), "cuda", batch_sizes=(1, 64))
-    assert set(ms) == {1, 64} and all(v > 0 for v in ms.values())
+    callers = {"a": eager_caller(model, (3, 32, 32), "cuda"), "b": eager_caller(model, (3, 32, 32), "cuda")}
+    res = paired_latency(callers, {"b": "a"}, batch_sizes=(1, 64))
+    assert set(res) == {1, 64} and all(p.ms > 0 for r in res.values() for p in r.values())
     assert next(model.parameters()).device.type == "cpu"

@@ -33,7 +33,7 @@ from prunebench.commands.bench.report import (
 )
 from prunebench.commands.bench.runner import check_config, run_bench
 from prunebench.commands.bench.targets import TARGETS, Check, Target, check_targets
-from prunebench.commands.bench.timing import (
+from prunebench.timing import (
     interleaved,
     is_noisy,
     median,

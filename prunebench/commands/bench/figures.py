@@ -15,13 +15,13 @@ from typing import Any
 import torch
 from torch import nn
 
-from prunebench.commands.bench.timing import interleaved, median, paired_ratio, spread
-from prunebench.commands.bench.workload import Workload, conv_widths, forward
+from prunebench.commands.bench.workload import Workload, conv_widths
 from prunebench.groups import build_groups
-from prunebench.measure import count_macs, latency_input, latency_ready
+from prunebench.measure import count_macs, forward_call, latency_input, latency_ready
 from prunebench.method import PruningMethod
 from prunebench.recipe import method_label
 from prunebench.registry import available_methods, build_method
+from prunebench.timing import interleaved, median, paired_ratio, spread
 
 REG_VARIANTS: tuple[dict[str, Any], ...] = (
     {"name": "oicsr", "variant": "growl"},
@@ -277,7 +277,7 @@ def speedup(w: Workload, pruning: Pruning) -> SpeedFigure:
     noise = float("nan")
     for bs in (1, w.cfg.batch):
         x = latency_input(bs, (3, 32, 32), w.device)
-        fns = {k: forward(net, x) for k, net in nets.items()}
+        fns = {k: forward_call(net, x) for k, net in nets.items()}
         t = interleaved(fns, w.cfg.latency_reps * (4 if bs == 1 else 1), 2 * w.cfg.warmup, w.device)
         lat[bs] = {k: 1e3 * median(v) for k, v in t.items()}
         if bs == w.cfg.batch:

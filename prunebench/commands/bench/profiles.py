@@ -24,9 +24,9 @@ from torch.profiler import ProfilerActivity, profile
 
 from prunebench.commands.bench.figures import Pruning
 from prunebench.commands.bench.targets import Check
-from prunebench.commands.bench.workload import Workload, forward
+from prunebench.commands.bench.workload import Workload
 from prunebench.groups import build_groups
-from prunebench.measure import count_macs, latency_input, latency_ready
+from prunebench.measure import count_macs, forward_call, latency_input, latency_ready
 from prunebench.registry import build_method
 
 
@@ -75,11 +75,11 @@ def _profile_forward(w: Workload, pruning: Pruning, key: str) -> str:
     parts, split = [], []
     for label, m in (("dense", pruning.dense), (key, pruning.models[key].model)):
         net = latency_ready(m, w.device)
-        table, conv_ms, total_ms = op_profile(forward(net, x), rows=8)
+        table, conv_ms, total_ms = op_profile(forward_call(net, x), rows=8)
         split.append((conv_ms, total_ms))
         parts.append(f"{label} forward, batch {w.cfg.batch}, torch.profiler:\n{table}")
         if w.device.type == "cpu":
-            parts.append(f"{label} forward, oneDNN verbose:\n" + onednn_summary(forward(net, x)))
+            parts.append(f"{label} forward, oneDNN verbose:\n" + onednn_summary(forward_call(net, x)))
     macs_ratio = pruning.models[key].macs_ratio
     return "\n\n".join(["diagnosis: " + speed_diagnosis(split[0], split[1], macs_ratio), *parts])
 

@@ -19,8 +19,8 @@ from prunebench.commands.bench.config import BenchConfig
 from prunebench.commands.bench.figures import Measurements
 from prunebench.commands.bench.machine import load_average
 from prunebench.commands.bench.targets import TARGETS, Check
-from prunebench.commands.bench.timing import NOISY_SPREAD, is_noisy
 from prunebench.files import atomic_write_text
+from prunebench.timing import NOISY_SPREAD, is_noisy
 
 
 @dataclass(frozen=True)

@@ -18,10 +18,10 @@ from prunebench.commands.bench.machine import machine_info, report_name
 from prunebench.commands.bench.profiles import misses, profile_miss
 from prunebench.commands.bench.report import BenchReport, build_report
 from prunebench.commands.bench.targets import check_targets
-from prunebench.commands.bench.timing import torch_threads
 from prunebench.commands.bench.workload import Workload
 from prunebench.errors import UserError
 from prunebench.models import list_models
+from prunebench.timing import torch_threads
 
 log = logging.getLogger(__name__)
 

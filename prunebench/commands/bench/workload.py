@@ -17,14 +17,14 @@ import torch
 from torch import Tensor, nn
 
 from prunebench.commands.bench.config import BenchConfig
-from prunebench.commands.bench.timing import interleaved
 from prunebench.data import synthetic_images
 from prunebench.datamodule import CIFAR10_MEAN, CIFAR10_STD, Batches, DataModule, TensorSplit
 from prunebench.engine import PruneResult, prune_to_target
 from prunebench.method import Calibration, PruningMethod
 from prunebench.models import create_model
 from prunebench.recipe import ModelConfig, PruneConfig, Schedule, TrainOptions
-from prunebench.train import make_optimizer, prepare_model, resolve_device, train
+from prunebench.timing import interleaved
+from prunebench.train import make_optimizer, prepare_model, resolve_device, to_memory_format, train
 
 
 class Workload:
@@ -81,8 +81,7 @@ class Workload:
         loss_fn = nn.CrossEntropyLoss()
         batches = self.plain_batches()
         cuda = self.device.type == "cuda"
-        if cuda and self.opts.channels_last:
-            batches = [(x.contiguous(memory_format=torch.channels_last), y) for x, y in batches]
+        batches = [(to_memory_format(x, self.opts), y) for x, y in batches]
 
         def run() -> None:
             model.train()
@@ -128,7 +127,7 @@ class Workload:
         return hooks
 
     def time(self, fns: dict[str, Callable[[], object]], reps: int | None = None) -> dict[str, list[float]]:
-        """:func:`~prunebench.commands.bench.timing.interleaved` with the configured rounds and warm-up."""
+        """:func:`~prunebench.timing.interleaved` with the configured rounds and warm-up."""
         return interleaved(fns, reps or self.cfg.reps, self.cfg.warmup, self.device)
 
     def calibration(self, dense: nn.Module) -> Calibration:
@@ -152,19 +151,6 @@ class Workload:
             round_to=round_to,
         )
         return model, res
-
-
-def forward(net: nn.Module, x: Tensor) -> Callable[[], None]:
-    """One forward of ``net`` as :func:`prunebench.measure.measure_latency` times it (eval, inference
-    mode, bf16 autocast on CUDA); pass a model from :func:`~prunebench.measure.latency_ready`."""
-    net.eval()
-    cuda = x.device.type == "cuda"
-
-    def run() -> None:
-        with torch.inference_mode(), torch.autocast(x.device.type, dtype=torch.bfloat16, enabled=cuda):
-            net(x)
-
-    return run
 
 
 def conv_widths(model: nn.Module) -> list[int]:
