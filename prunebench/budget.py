@@ -19,6 +19,7 @@ import math
 from collections.abc import Mapping, Sequence
 
 import numpy as np
+import torch
 from torch import nn
 
 from prunebench.depgraph import NORM_TYPES, is_depthwise
@@ -202,6 +203,37 @@ def budget_tolerance(
     if not math.isfinite(cheapest) or reference_macs <= 0:
         return _MIN_TOLERANCE
     return max(_MIN_TOLERANCE, 0.5 * cheapest / float(reference_macs))
+
+
+VECTOR_WIDTHS = {"AVX512": 16, "AVX2": 8}
+"""float32 lanes of a CPU's vector registers, by ``torch.backends.cpu.get_cpu_capability()`` (others: 4)."""
+CUDA_ROUND_TO = 8  # bf16 tensor-core tiles: channel counts in multiples of 8
+
+
+def device_round_to(device: torch.device | str) -> int:
+    """The channel multiple that ``prune.round_to: auto`` means on ``device``: the vector width of the CPU in
+    float32 (16 with AVX-512, 8 with AVX2, 4 otherwise), 8 on CUDA. oneDNN and cuDNN pad odd channel counts
+    up to it, so a width in between costs nearly as much as the next multiple (docs/fairness.md, speed)."""
+    device = torch.device(device)
+    if device.type == "cuda":
+        return CUDA_ROUND_TO
+    return VECTOR_WIDTHS.get(torch.backends.cpu.get_cpu_capability(), 4)
+
+
+def describe_device(device: torch.device | str) -> str:
+    """The device in the words of :func:`device_round_to`: ``CUDA`` or the CPU's vector capability."""
+    device = torch.device(device)
+    return "CUDA" if device.type == "cuda" else f"this {torch.backends.cpu.get_cpu_capability()} CPU"
+
+
+def resolve_round_to(value: int | str | None, device: torch.device | str) -> int | None:
+    """The recipe's ``prune.round_to`` as the engine takes it: ``auto`` -> :func:`device_round_to`, 1 or
+    ``None`` -> ``None`` (the widths as pruned, the papers' exact widths)."""
+    if value == "auto":
+        return device_round_to(device)
+    if value is None or int(value) <= 1:
+        return None
+    return int(value)
 
 
 def _rounds(size: int, round_to: int | None) -> bool:

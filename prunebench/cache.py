@@ -203,7 +203,7 @@ class TrainingCheckpoint:
     def load_model(path: Path, fresh: nn.Module) -> nn.Module:
         """Reshape ``fresh`` (a new instance of the dense architecture) into the checkpointed model, in place.
 
-        Resized tensors are created in the default memory format: call ``prepare_model`` again on CUDA.
+        Resized tensors are created in the default memory format: call ``prepare_model`` again.
         """
         return load_pruned(path, fresh)
 

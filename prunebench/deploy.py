@@ -205,7 +205,8 @@ class OrtModel:
     """An ONNX Runtime session on an exported model, set up like the eager model it is timed against.
 
     ``intra_op_num_threads`` is ``torch.get_num_threads()`` at construction (one operator at a time, no
-    inter-op pool), so eager and ONNX timings use the same threads; all graph optimizations are on. On a
+    inter-op pool), so eager and ONNX timings use the same threads, and they do not spin between runs; all
+    graph optimizations are on. On a
     CUDA ``device`` the CUDA execution provider comes first when this onnxruntime has it, else the session
     runs on the CPU (one warning): ``providers`` says which ran.
     """
@@ -218,6 +219,9 @@ class OrtModel:
         options.execution_mode = ort.ExecutionMode.ORT_SEQUENTIAL
         options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
         options.log_severity_level = 3  # errors only: no notes about unused initializers or EP placement
+        # no busy-waiting between runs: ORT's spinning threads would steal the cores from the eager model
+        # timed next in the same round (prunebench.timing.interleaved)
+        options.add_session_config_entry("session.intra_op.allow_spinning", "0")
         providers: list = ["CPUExecutionProvider"]
         device = torch.device(device)
         if device.type == "cuda":

@@ -108,10 +108,19 @@ class PruneConfig(_Strict):
     ignored_layers: list[str] = Field(
         default_factory=list, description="module names never pruned (besides stem and classifier)"
     )
-    round_to: int | None = Field(
-        None, ge=1, description="keep channel counts multiples of this (speed on real hardware)"
+    round_to: int | Literal["auto"] | None = Field(
+        "auto",
+        description="keep channel counts multiples of this, the same for every method: auto = the device's "
+        "vector width (16 on AVX-512 CPUs, 8 on AVX2 and CUDA), 1 = the widths as pruned (the papers' exact widths)",
     )
     calib_images: int = Field(256, ge=1, description="training images shown to calibration-based methods (ThiNet)")
+
+    @field_validator("round_to")
+    @classmethod
+    def _round_to_positive(cls, v: int | str | None) -> int | str | None:
+        if isinstance(v, int) and v < 1:
+            raise ValueError(f"round_to {v} must be auto or a positive integer (1: the widths as pruned)")
+        return v
 
     @field_validator("target")
     @classmethod
@@ -140,7 +149,9 @@ class TrainOptions(_Strict):
 
     device: str = Field("auto", description="auto (cuda when available), cpu, cuda, cuda:1, ...")
     amp: bool = Field(True, description="bf16 autocast on CUDA (ignored on CPU)")
-    channels_last: bool = Field(True, description="channels_last memory format on CUDA")
+    channels_last: bool = Field(
+        True, description="train and evaluate in channels_last (NHWC) memory format, on every device (faster)"
+    )
     compile: bool = Field(False, description="torch.compile the model for training")
     log_every: int = Field(50, ge=1, description="steps between progress-bar/NaN checks (host syncs)")
 
@@ -149,8 +160,11 @@ class MeasureConfig(_Strict):
     """Latency measurement of the final models."""
 
     latency_batch: int = Field(64, ge=1, description="the larger batch (batch 1 is always measured too)")
-    warmup: int = Field(3, ge=0)
-    repeats: int = Field(10, ge=1)
+    warmup: int = Field(3, ge=0, description="untimed rounds before the timed ones")
+    repeats: int = Field(
+        10, ge=1, description="timed rounds; each times the dense and the pruned model once, interleaved"
+    )
+    onnx: bool = Field(True, description="also export every model to ONNX and time it with ONNX Runtime")
 
 
 class TuneConfig(_Strict):

@@ -11,8 +11,8 @@ from scipy import stats
 
 from prunebench.commands.compare import statistics
 from prunebench.commands.compare.reading import Selection
-from prunebench.commands.compare.rendering import verdict_lines
-from prunebench.commands.compare.report import Comparison
+from prunebench.commands.compare.rendering import display_frame, verdict_lines
+from prunebench.commands.compare.report import Comparison, speed_notes
 from prunebench.tracking.schema import FINAL_METRICS, OPTIONAL_METRICS
 
 Seeded = dict[str, dict[int, float]]  # method label -> seed -> test top-1
@@ -104,3 +104,54 @@ def test_vs_best_pairs_common_seeds() -> None:
     diff = np.array([0.80 - 0.93, 0.83 - 0.92]) * 100
     assert b["vs_best_pp"] == pytest.approx(diff.mean()) and b["vs_best_pp_std"] == pytest.approx(diff.std(ddof=1))
     assert b["vs_best_n"] == 2 and pd.isna(b["vs_control_pp"])  # no dense controls given
+
+
+def _speed_cells() -> pd.DataFrame:
+    """Two methods over two seeds: ``quiet`` timed with a tight spread, ``busy`` with one disturbed seed and
+    one cell that did not export to ONNX."""
+    cells = _cells(_seeded(quiet=[0.9, 0.91], busy=[0.8, 0.82])).assign(
+        **{k: np.nan for k in (*FINAL_METRICS, *OPTIONAL_METRICS) if k != "test_top1"}
+    )
+    cells = cells.assign(
+        dense_test_top1=0.92,
+        macs=1e6,
+        macs_dense=2e6,
+        latency_ms_batch=10.0,
+        dense_latency_ms_batch=18.0,
+        speedup=1.8,
+        speedup_spread=[0.01, 0.02, 0.03, 0.3],
+        onnx_latency_ms_batch=[5.0, 5.0, 6.0, np.nan],
+        onnx_speedup=[1.5, 1.5, 1.4, np.nan],
+        onnx_speedup_spread=0.01,
+        onnx_error=[None, None, None, "ONNX export failed; dynamo: DispatchError: aten.foo"],
+    )
+    return cells
+
+
+def test_a_noisy_speedup_is_marked_and_a_missing_onnx_figure_shows_as_a_gap() -> None:
+    cells = _speed_cells()
+    table = statistics.aggregate(cells)
+    sel = Selection(tracking_uri="sqlite://", experiment="e", experiment_id="1")
+    comp = Comparison(sel, cells, table, statistics.significance(cells, 0.05), speed_notes(cells, table))
+    shown = display_frame(comp).set_index("method")
+    quiet = next(k for k in shown.index if k.startswith("quiet"))
+    busy = next(k for k in shown.index if k.startswith("busy"))
+    assert shown.loc[quiet, "speedup"] == "1.80x" and shown.loc[quiet, "ONNX speedup"] == "1.50x"
+    assert shown.loc[busy, "speedup"] == "~1.80x noisy"  # the worst seed's spread decides
+    assert shown.loc[busy, "ONNX speedup"] == "1.40x"  # the seed that exported
+    assert any("noisy (busy)" in n for n in comp.notes)
+    assert any("1 cell(s) have no ONNX Runtime figures" in n and "aten.foo" in n for n in comp.notes)
+
+
+def test_a_method_without_any_onnx_figure_shows_n_a() -> None:
+    cells = _speed_cells()
+    cells.loc[cells["method_label"] == "busy", ["onnx_speedup", "onnx_latency_ms_batch"]] = np.nan
+    table = statistics.aggregate(cells)
+    sel = Selection(tracking_uri="sqlite://", experiment="e", experiment_id="1")
+    comp = Comparison(sel, cells, table, statistics.significance(cells, 0.05), [])
+    shown = display_frame(comp).set_index("method")
+    busy = next(k for k in shown.index if k.startswith("busy"))
+    assert shown.loc[busy, "ONNX speedup"] == "n/a" and shown.loc[busy, "ONNX batch (ms)"] == "n/a"
+    without = cells.assign(onnx_speedup=np.nan, onnx_latency_ms_batch=np.nan)
+    comp = Comparison(sel, without, statistics.aggregate(without), comp.tests, [])
+    assert "ONNX speedup" not in display_frame(comp).columns  # no cell timed in ONNX Runtime: no column

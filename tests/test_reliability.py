@@ -49,7 +49,7 @@ RESUME_RECIPE: dict = {
     "measure": {"latency_batch": 4, "warmup": 0, "repeats": 1},
     "dense_control": False,  # one cell to kill and resume (a control resumes through the same checkpoints)
 }
-NOT_COMPARED = {"latency_ms", "latency_ms_batch", "dense_latency_ms", "dense_latency_ms_batch", "speedup"}
+TIMED = ("latency", "speedup")  # metrics with these in their names are timings: they differ from run to run
 ENV = {
     **os.environ,
     "OMP_NUM_THREADS": "1",
@@ -84,7 +84,7 @@ def _runs(folder: Path, experiment: str):
 
 
 def _final(run) -> dict[str, float]:
-    return {k: v for k, v in run.data.metrics.items() if k not in NOT_COMPARED}
+    return {k: v for k, v in run.data.metrics.items() if not any(word in k for word in TIMED)}
 
 
 def _history(client, run_id: str, key: str = "train_loss") -> dict[int, float]:

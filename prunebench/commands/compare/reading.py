@@ -34,6 +34,7 @@ from prunebench.tracking.schema import (
     CONTROL_KIND,
     FINAL_METRICS,
     KIND_TAG,
+    ONNX_ERROR_TAG,
     OPTIONAL_METRICS,
     PARENT_KIND,
     STAGES_TAG,
@@ -267,6 +268,7 @@ def _cell_row(run: Run) -> dict[str, Any]:
         "seed": _number(p.get("seed"), int),
         "target": _number(p.get("target"), float),
         "stage_epochs": t.get(STAGES_TAG),
+        "onnx_error": t.get(ONNX_ERROR_TAG),
     }
     row.update({k: m.get(k, math.nan) for k in (*FINAL_METRICS, *OPTIONAL_METRICS)})
     return row

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import html
 import json
+import math
 from typing import Any
 
 import numpy as np
@@ -18,13 +19,22 @@ from tabulate import tabulate
 
 from prunebench.commands.compare.report import Comparison
 from prunebench.commands.compare.statistics import PAIRED_TEST, TEST_NAME
+from prunebench.timing import speedup_text
 
 FORMATS = ("text", "md", "csv", "html", "json")
 OUT_FILES = {"md": "table.md", "csv": "table.csv", "html": "table.html", "json": "table.json"}
 # per-seed differences shown as mean ± sd (pp): display header -> column stem in the table
 DIFF_COLUMNS = {"vs dense (pp)": "delta", "vs dense (same epochs, pp)": "vs_control", "vs best (pp)": "vs_best"}
 # columns dropped from the display when every row is blank (e.g. no latency measured)
-_OPTIONAL_DISPLAY = ["zeroed %", "conv+fc MACs (M)", "latency b=1 (ms)", "latency batch (ms)", "speedup"]
+_OPTIONAL_DISPLAY = [
+    "zeroed %",
+    "conv+fc MACs (M)",
+    "latency b=1 (ms)",
+    "latency batch (ms)",
+    "speedup",
+    "ONNX batch (ms)",
+    "ONNX speedup",
+]
 _LEFT = {"model", "dataset", "method"}
 
 
@@ -33,6 +43,10 @@ def _amount(x: float) -> str:
     if pd.isna(x):
         return ""
     return f"{x:.1f}" if abs(x) >= 100 else f"{x:.2f}" if abs(x) >= 1 else f"{x:.3g}"
+
+
+def _speedup(x: float, spread: float) -> str:
+    return "" if pd.isna(x) else speedup_text(float(x), float(spread) if pd.notna(spread) else math.nan)
 
 
 def _mean_sd(mean: float, sd: float, signed: bool = False) -> str:
@@ -69,7 +83,12 @@ def display_frame(comp: Comparison) -> pd.DataFrame:
     out["params red. %"] = t["params_reduction_pct"].map(lambda x: "" if pd.isna(x) else f"{x:.1f}")
     out["latency b=1 (ms)"] = t["latency_ms"].map(_amount)
     out["latency batch (ms)"] = t["latency_ms_batch"].map(_amount)
-    out["speedup"] = t["speedup"].map(lambda x: "" if pd.isna(x) else f"{x:.2f}x")
+    out["speedup"] = [_speedup(x, sp) for x, sp in zip(t["speedup"], t["speedup_spread"], strict=True)]
+    out["ONNX batch (ms)"] = t["onnx_latency_ms_batch"].map(_amount)
+    out["ONNX speedup"] = [_speedup(x, sp) for x, sp in zip(t["onnx_speedup"], t["onnx_speedup_spread"], strict=True)]
+    if t["onnx_speedup"].notna().any():  # some cells were timed in ONNX Runtime: show the others' gap as such
+        gap = t["onnx_speedup"].isna() & t["speedup"].notna()
+        out.loc[gap, ["ONNX batch (ms)", "ONNX speedup"]] = "n/a"
     return out.loc[:, (out != "").any(axis=0) | ~out.columns.isin(_OPTIONAL_DISPLAY)].reset_index(drop=True)
 
 
@@ -237,6 +256,10 @@ def to_json(comp: Comparison) -> str:
             "params_M": "millions",
             "latency_ms": "milliseconds (batch 1)",
             "latency_ms_batch": "milliseconds (larger batch)",
+            "onnx_latency_ms": "milliseconds in ONNX Runtime (batch 1)",
+            "onnx_latency_ms_batch": "milliseconds in ONNX Runtime (larger batch)",
+            "speedup": "dense / pruned latency at the larger batch, median of per-round ratios",
+            "speedup_spread": "median absolute deviation / median of those ratios (worst seed)",
             "sparsity_zero_pct": "percent of the regularized channels",
             "std": "sample standard deviation (ddof=1)",
         },

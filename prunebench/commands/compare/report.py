@@ -14,6 +14,7 @@ from mlflow.tracking import MlflowClient
 from prunebench.commands.compare.reading import Selection, clean_cells, clean_controls, load_cells, load_controls
 from prunebench.commands.compare.statistics import aggregate, significance
 from prunebench.errors import UserError
+from prunebench.timing import NOISY_SPEEDUP_SPREAD
 from prunebench.tracking.schema import CELL_KIND, KIND_TAG
 
 
@@ -62,4 +63,23 @@ def build(client: MlflowClient, sel: Selection, alpha: float = 0.05) -> Comparis
             & (table["method_label"] == t.best)
         )
         table.loc[hit, ["test_vs_next", "p_vs_next"]] = [t.test if t.runner_up is not None else None, t.p_value]
+    notes += speed_notes(cells, table)
     return Comparison(sel, cells, table, tests, notes, alpha, controls)
+
+
+def speed_notes(cells: pd.DataFrame, table: pd.DataFrame) -> list[str]:
+    """Notes on the speed columns: which speedups are noisy, and why some cells have no ONNX figures."""
+    notes = []
+    spreads = table[["speedup_spread", "onnx_speedup_spread"]].max(axis=1)
+    noisy = table.loc[spreads > NOISY_SPEEDUP_SPREAD, "method_label"].dropna().unique().tolist()
+    if noisy:
+        notes.append(
+            f"speedups marked noisy ({', '.join(noisy)}): the per-round ratios of dense and pruned latency "
+            f"disagreed by more than {NOISY_SPEEDUP_SPREAD:.0%} (median absolute deviation), so other work "
+            "loaded the machine while they were timed; measure on a quiet machine or raise measure.repeats"
+        )
+    failed = cells[cells["onnx_error"].notna()] if "onnx_error" in cells else cells.iloc[:0]
+    if len(failed):
+        reasons = "; ".join(sorted(failed["onnx_error"].astype(str).str.slice(0, 200).unique())[:3])
+        notes.append(f"{len(failed)} cell(s) have no ONNX Runtime figures (n/a): {reasons}")
+    return notes

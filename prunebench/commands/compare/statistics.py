@@ -63,6 +63,12 @@ TABLE_COLUMNS = [
     "latency_ms",
     "latency_ms_batch",
     "speedup",
+    "speedup_spread",
+    "speedup_b1",
+    "onnx_latency_ms",
+    "onnx_latency_ms_batch",
+    "onnx_speedup",
+    "onnx_speedup_spread",
     "sparsity_zero_pct",
     "sparsity_pull",
     "penalty_ratio",
@@ -103,6 +109,8 @@ def _dense_rows(v: pd.DataFrame) -> pd.DataFrame:
             params=("params_dense", "mean"),
             lat=("dense_latency_ms", "mean"),
             lat_batch=("lat_batch", "mean"),
+            onnx_lat=("dense_onnx_latency_ms", "mean"),
+            onnx_lat_batch=("dense_onnx_latency_ms_batch", "mean"),
         )
         .reset_index()
     )
@@ -117,6 +125,8 @@ def _dense_rows(v: pd.DataFrame) -> pd.DataFrame:
             params=("params", "mean"),
             latency_ms=("lat", "mean"),
             latency_ms_batch=("lat_batch", "mean"),
+            onnx_latency_ms=("onnx_lat", "mean"),
+            onnx_latency_ms_batch=("onnx_lat_batch", "mean"),
         )
         .reset_index()
     )
@@ -134,6 +144,7 @@ def _dense_rows(v: pd.DataFrame) -> pd.DataFrame:
         macs_reduction_pct=0.0,
         params_reduction_pct=0.0,
         speedup=np.where(dense["latency_ms_batch"].notna(), 1.0, np.nan),
+        onnx_speedup=np.where(dense["onnx_latency_ms_batch"].notna(), 1.0, np.nan),
     ).drop(columns=["macs", "macs_cf", "params"])
 
 
@@ -156,6 +167,12 @@ def _summary(v: pd.DataFrame, keys: list[str]) -> pd.DataFrame:
             latency_ms=("latency_ms", "mean"),
             latency_ms_batch=("latency_ms_batch", "mean"),
             speedup=("speedup", "mean"),
+            speedup_spread=("speedup_spread", "max"),  # the worst seed: one noisy seed makes the mean noisy
+            speedup_b1=("speedup_b1", "mean"),
+            onnx_latency_ms=("onnx_latency_ms", "mean"),
+            onnx_latency_ms_batch=("onnx_latency_ms_batch", "mean"),
+            onnx_speedup=("onnx_speedup", "mean"),
+            onnx_speedup_spread=("onnx_speedup_spread", "max"),
             sparsity_zero_pct=("zero_pct", "mean"),
             sparsity_pull=("sparsity_pull", "mean"),
             penalty_ratio=("penalty_ratio", "mean"),

@@ -1,7 +1,8 @@
 """One cell of the grid (or a seed's dense control) inside its own MLflow child run: trained and pruned by
-:func:`~prunebench.commands.run.phases.train_and_prune`, then measured (test accuracy, MACs, parameters,
-latency) and logged with its per-layer table and pruned model. A cell that raises is marked FAILED and the
-grid goes on. Names of what is logged: :mod:`prunebench.tracking.schema` (docs/tracking.md)."""
+:func:`~prunebench.commands.run.phases.train_and_prune`, then measured (test accuracy, MACs, parameters, and
+speed against the dense model in eager PyTorch and ONNX Runtime: :mod:`~prunebench.commands.run.latency`) and
+logged with its per-layer table, pruned model and ONNX file. A cell that raises is marked FAILED and the grid
+goes on. Names of what is logged: :mod:`prunebench.tracking.schema` (docs/tracking.md)."""
 
 from __future__ import annotations
 
@@ -15,6 +16,7 @@ from torch import nn
 from prunebench import cache
 from prunebench.commands.run.context import Context
 from prunebench.commands.run.dense import DenseStart
+from prunebench.commands.run.latency import measure_speed
 from prunebench.commands.run.phases import CONTROL, CellCheckpoints, label, train_and_prune
 from prunebench.commands.run.summary import CellResult
 from prunebench.errors import one_line
@@ -63,9 +65,11 @@ def run_cell(
     runs.set_tags({schema.STAGES_TAG: json.dumps(stages)})
 
     report = count_macs(model, ctx.example)
-    latency = ctx.latency(model)
-    dense_lat = ctx.dense_latency(dense)
-    big = recipe.measure.latency_batch
+    # one folder per run: concurrent invocations of the same recipe never write the same file
+    run_folder = checkpoints.run_id if checkpoints is not None and checkpoints.run_id else "latest"
+    name = re.sub(r"[^\w.=-]+", "_", f"{method_label(spec)}-s{seed}-t{target}")
+    out = cache.workdir(recipe) / "pruned" / run_folder
+    speed = measure_speed(ctx, dense, model, seed, out / f"{name}.onnx")
     metrics = {
         "test_top1": evaluate(model, ctx.data.eval_batches("test"), recipe.train),
         "val_top1": ctx.val_fn(model),
@@ -78,13 +82,10 @@ def run_cell(
         "params": report.params,
         "params_dense": dense_metrics["params_dense"],
         "params_reduction": 1 - report.params / dense_metrics["params_dense"],
-        "latency_ms": latency[1],
-        "latency_ms_batch": latency[big],
-        "dense_latency_ms": dense_lat[1],
-        "dense_latency_ms_batch": dense_lat[big],
-        "speedup": dense_lat[big] / latency[big],
+        **speed.metrics,
     }
     runs.log_final(metrics, step=_last_step(stages))
+    runs.set_tags(speed.tags)
     before = {r["name"]: r for r in dense_metrics["_layers"]}
     rows = [
         {
@@ -100,12 +101,10 @@ def run_cell(
         for r in report.per_layer
     ]
     runs.log_text(runs.rows_to_csv(rows), schema.LAYERS_ARTIFACT)
-    # one folder per run: concurrent invocations of the same recipe never write the same file
-    run_folder = checkpoints.run_id if checkpoints is not None and checkpoints.run_id else "latest"
-    name = re.sub(r"[^\w.=-]+", "_", f"{method_label(spec)}-s{seed}-t{target}.pt")
-    out = cache.workdir(recipe) / "pruned" / run_folder / name
-    atomic_save(pruned_payload(model), out)
-    runs.log_file(out, schema.MODEL_ARTIFACT_DIR)
+    atomic_save(pruned_payload(model), out / f"{name}.pt")
+    runs.log_file(out / f"{name}.pt", schema.MODEL_ARTIFACT_DIR)
+    if speed.onnx_file is not None:
+        runs.log_file(speed.onnx_file, schema.ONNX_ARTIFACT_DIR)
     return {**diagnostics, **{k: v for k, v in metrics.items() if v is not None}}
 
 
@@ -147,6 +146,7 @@ def _cell_params(recipe: Recipe, spec: dict[str, Any], seed: int, target: float)
         "model": recipe.model.name,
         "dataset": recipe.data.name,
         "scope": recipe.prune.scope,
+        "round_to": recipe.prune.round_to,
         "iterations": recipe.prune.iterations,
         **{f"{schema.METHOD_PARAM_PREFIX}{k}": v for k, v in spec.items() if k != "name"},
     }

@@ -1,4 +1,4 @@
-"""What every cell of one ``prunebench run`` shares (:class:`Context`: recipe, device, data, dense latency)
+"""What every cell of one ``prunebench run`` shares (:class:`Context`: recipe, device, data, the dense ONNX models)
 and the checks made before any MLflow run or file exists: :func:`preflight` (which also settles the pruning
 scope: :func:`check_reach`) and the regularizer pull check.
 See docs/architecture.md (the run command) and docs/methods.md (sparsity_pull, reachability)."""
@@ -7,16 +7,17 @@ from __future__ import annotations
 
 import logging
 from pathlib import Path
+from typing import Any
 
 import torch
 from torch import nn
 
 from prunebench import cache
+from prunebench.budget import describe_device, resolve_round_to
 from prunebench.data import DataModule, load_data
 from prunebench.errors import UserError, one_line
 from prunebench.files import load_cached, load_torch
 from prunebench.groups import build_groups
-from prunebench.measure import measure_latency
 from prunebench.models import create_model
 from prunebench.reach import Reach, measure_reach, resolve_scope
 from prunebench.recipe import Recipe, method_label
@@ -47,8 +48,8 @@ class Context:
         self.example = torch.zeros(
             1, self.data.in_chans, self.data.image_size, self.data.image_size, device=self.device
         )
-        self._dense_latency: dict[int, float] | None = None
         self.reach: Reach | None = None
+        self.dense_onnx: dict[int, Any] = {}  # seed -> the dense model in ONNX Runtime, or why it did not export
 
     @property
     def steps_per_epoch(self) -> int:
@@ -74,17 +75,10 @@ class Context:
             return None
         return evaluate(model, self.data.eval_batches("val"), self.recipe.train)
 
-    def dense_latency(self, model: nn.Module) -> dict[int, float]:
-        if self._dense_latency is None:
-            self._dense_latency = self.latency(model)
-        return self._dense_latency
-
-    def latency(self, model: nn.Module) -> dict[int, float]:
-        m = self.recipe.measure
-        shape = tuple(self.example.shape[1:])
-        return measure_latency(
-            model, shape, self.device, batch_sizes=(1, m.latency_batch), warmup=m.warmup, repeats=m.repeats
-        )
+    @property
+    def sample_shape(self) -> tuple[int, ...]:
+        """One input sample's shape (``C, H, W``)."""
+        return tuple(self.example.shape[1:])
 
 
 def preflight(ctx: Context) -> None:
@@ -106,22 +100,27 @@ def check_reach(ctx: Context, model: nn.Module) -> None:
     On ``model`` (freshly built: only its shapes matter) measure the largest MACs reduction of each scope
     under the recipe's ``max_layer_ratio`` and ``round_to`` (:func:`prunebench.reach.measure_reach`); an
     unreachable target is a :class:`UserError` with the reachable figures. ``scope: auto`` resolves to
-    ``internal`` when it reaches the largest target, else ``all``, and says so once; ``ctx.recipe`` then
-    carries the resolved scope, so the cells, this check and the logged ``scope`` agree.
+    ``internal`` when it reaches the largest target, else ``all``, and says so once; ``round_to: auto`` resolves
+    to the device's vector width (:func:`prunebench.budget.device_round_to`). ``ctx.recipe`` then carries the
+    resolved scope and ``round_to``, so the cells, this check and the logged parameters agree.
     """
     prune = ctx.recipe.prune
+    round_to = resolve_round_to(prune.round_to, ctx.device)
+    if prune.round_to == "auto":
+        log.info("prune.round_to auto -> %s (the vector width of %s)", round_to or 1, describe_device(ctx.device))
     reach = measure_reach(
         model,
         ctx.example,
         max_layer_ratio=prune.max_layer_ratio,
-        round_to=prune.round_to,
+        round_to=round_to,
         ignored_layers=prune.ignored_layers,
     )
     scope, why = resolve_scope(reach, prune.scope, prune.targets, model=ctx.recipe.model.name)
     if prune.scope == "auto":
         log.info("prune.scope auto -> %s: %s", scope, why)
     ctx.reach = reach
-    ctx.recipe = ctx.recipe.model_copy(update={"prune": prune.model_copy(update={"scope": scope})})
+    resolved = prune.model_copy(update={"scope": scope, "round_to": round_to or 1})
+    ctx.recipe = ctx.recipe.model_copy(update={"prune": resolved})
 
 
 def load_user_checkpoint(recipe: Recipe, model: nn.Module) -> None:

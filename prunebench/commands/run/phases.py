@@ -304,4 +304,5 @@ def _prune_step(
         round_to=prune.round_to,
         dense_widths=widths,
     )
+    prepare_model(model, ctx.device, ctx.recipe.train)  # the cut layers' new weights are contiguous again
     log.info("  %s: pruned step %s/%s -> %.3f fewer MACs (%.1f s)", where, j, k, result.macs_reduction, result.seconds)

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import logging
 from dataclasses import dataclass, field
+from math import nan
 
 from tabulate import tabulate
 
@@ -14,12 +15,13 @@ from prunebench.commands.compare import comparison_note
 from prunebench.commands.compare.publish import NOTE_MAX_CHARS
 from prunebench.commands.run.phases import CONTROL_LABEL
 from prunebench.errors import UserError, one_line
+from prunebench.timing import speedup_text
 from prunebench.tracking import runs
 from prunebench.tracking.schema import NOTE_TAG
 
 log = logging.getLogger(__name__)
 
-_HEADERS = ("method", "seed", "target", "top1", "dense", "MACs(M)", "red.", "params(M)", "speedup", "zeroed")
+_HEADERS = ("method", "seed", "target", "top1", "dense", "MACs(M)", "red.", "params(M)", "speedup", "ONNX", "zeroed")
 _ALIGN = ("left", *("right",) * (len(_HEADERS) - 1), "left")
 
 
@@ -68,10 +70,10 @@ def _row(c: CellResult) -> list[str]:
     m = c.metrics
     note = "(finished earlier)" if c.skipped else ""
     if c.status != "FINISHED":
-        return [c.method, str(c.seed), f"{c.target:.2f}", *[""] * 7, f"{c.status}: {c.error}"]
+        return [c.method, str(c.seed), f"{c.target:.2f}", *[""] * 8, f"{c.status}: {c.error}"]
     figures = [f"{100 * m['test_top1']:.2f}%", f"{100 * m['dense_test_top1']:.2f}%", f"{m['macs'] / 1e6:.2f}"]
     if c.control:
-        return [c.method, str(c.seed), "-", *figures, f"{0:.3f}", f"{m['params'] / 1e6:.3f}", "", "", note]
+        return [c.method, str(c.seed), "-", *figures, f"{0:.3f}", f"{m['params'] / 1e6:.3f}", "", "", "", note]
     zeroed = f"{m['sparsity_zero_frac']:.0%}" if "sparsity_zero_frac" in m else ""
     return [
         c.method,
@@ -80,7 +82,8 @@ def _row(c: CellResult) -> list[str]:
         *figures,
         f"{m['macs_reduction']:.3f}",
         f"{m['params'] / 1e6:.3f}",
-        f"{m['speedup']:.2f}x",
+        speedup_text(m.get("speedup", nan), m.get("speedup_spread", nan)),
+        speedup_text(m.get("onnx_speedup", nan), m.get("onnx_speedup_spread", nan)),
         zeroed,
         note,
     ]
