@@ -205,14 +205,14 @@ def budget_tolerance(
     return max(_MIN_TOLERANCE, 0.5 * cheapest / float(reference_macs))
 
 
-VECTOR_WIDTHS = {"AVX512": 16, "AVX2": 8}
+VECTOR_WIDTHS = {"AVX512": 16, "AVX2": 8, "SVE256": 8}
 """float32 lanes of a CPU's vector registers, by ``torch.backends.cpu.get_cpu_capability()`` (others: 4)."""
 CUDA_ROUND_TO = 8  # bf16 tensor-core tiles: channel counts in multiples of 8
 
 
 def device_round_to(device: torch.device | str) -> int:
     """The channel multiple that ``prune.round_to: auto`` means on ``device``: the vector width of the CPU in
-    float32 (16 with AVX-512, 8 with AVX2, 4 otherwise), 8 on CUDA. oneDNN and cuDNN pad odd channel counts
+    float32 (16 with AVX-512, 8 with AVX2 and 256-bit SVE, 4 otherwise), 8 on CUDA. oneDNN and cuDNN pad odd channel counts
     up to it, so a width in between costs nearly as much as the next multiple (docs/fairness.md, speed)."""
     device = torch.device(device)
     if device.type == "cuda":

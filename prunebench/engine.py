@@ -43,6 +43,7 @@ from prunebench.budget import (
     match_counts,
     plan_slack,
     resolve_auto_scope,
+    resolve_round_to,
     single_gains,
     unreachable,
     warn_outside_band,
@@ -394,7 +395,7 @@ def prune_to_target(
     max_layer_ratio: float = 0.8,
     ignored_layers: Iterable[str] = (),
     calib: Calibration | None = None,
-    round_to: int | None = None,
+    round_to: int | str | None = None,
     dense_widths: Mapping[str, int] | None = None,
 ) -> PruneResult:
     """Prune ``model`` in place until its MACs are ``(1 - target) * reference_macs``.
@@ -408,7 +409,8 @@ def prune_to_target(
     The achieved reduction lands in ``[target, target + tolerance]`` (``PruneResult.tolerance``, see
     :func:`budget_tolerance`: 0.1 percentage point, or half the cheapest channel's share on small
     models), the same band for every method; where ``round_to`` or the caps rule that out, the closest
-    reduction above the target and one warning. ``max_layer_ratio`` is a fraction of each group's dense
+    reduction above the target and one warning (``round_to="auto"``: :func:`prunebench.budget.device_round_to`
+    of the input's device). ``max_layer_ratio`` is a fraction of each group's dense
     width when ``dense_widths`` (group name -> width before the first step) is given, so later steps of
     iterative pruning do not compound it (see :func:`group_caps`).
     """
@@ -416,6 +418,7 @@ def prune_to_target(
         raise UserError(f"pruning target must be a MACs reduction in [0, 1), got {target}")
     if not 0.0 < max_layer_ratio <= 1.0:
         raise UserError(f"prune.max_layer_ratio must be in (0, 1], got {max_layer_ratio}")
+    round_to = resolve_round_to(round_to, example_input.device)  # "auto": the device's vector width
     timings: dict[str, float] = {}
     t_start = t = time.perf_counter()
     before = count_macs(model, example_input)

@@ -23,7 +23,7 @@ from dataclasses import dataclass
 
 from torch import Tensor, nn
 
-from prunebench.budget import capped_macs
+from prunebench.budget import capped_macs, resolve_round_to
 from prunebench.errors import UserError
 from prunebench.groups import PrunableGroup, build_groups
 from prunebench.measure import MacsReport, count_macs
@@ -65,7 +65,7 @@ def measure_reach(
     example_input: Tensor,
     *,
     max_layer_ratio: float = 0.8,
-    round_to: int | None = None,
+    round_to: int | str | None = None,
     ignored_layers: Iterable[str] = (),
 ) -> Reach:
     """The largest MACs reduction each scope reaches on ``model`` (see the module docstring).
@@ -74,6 +74,7 @@ def measure_reach(
     groups ``build_groups(scope="internal")`` returns). Raises :class:`UserError` where ``build_groups`` does
     (an unknown ignored layer, a model with nothing to prune in any scope).
     """
+    round_to = resolve_round_to(round_to, example_input.device)
     report = count_macs(model, example_input)
     _, groups = build_groups(model, example_input, scope="all", ignored_layers=ignored_layers)
     by_scope = {"internal": [g for g in groups if not g.coupled], "all": groups}

@@ -111,7 +111,8 @@ class PruneConfig(_Strict):
     round_to: int | Literal["auto"] | None = Field(
         "auto",
         description="keep channel counts multiples of this, the same for every method: auto = the device's "
-        "vector width (16 on AVX-512 CPUs, 8 on AVX2 and CUDA), 1 = the widths as pruned (the papers' exact widths)",
+        "vector width (16 on AVX-512 CPUs, 8 on AVX2 and CUDA, 4 otherwise), 1 = the widths as pruned (the papers' "
+        "exact widths)",
     )
     calib_images: int = Field(256, ge=1, description="training images shown to calibration-based methods (ThiNet)")
 

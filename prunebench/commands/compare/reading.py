@@ -55,6 +55,7 @@ CELL_COLUMNS = [
     "seed",
     "target",
     "stage_epochs",
+    "onnx_error",
     *FINAL_METRICS,
     *OPTIONAL_METRICS,
 ]

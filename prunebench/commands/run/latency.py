@@ -17,6 +17,7 @@ from torch import nn
 
 from prunebench.commands.run.context import Context
 from prunebench.deploy import ExportError, OrtModel, check_outputs, export_onnx
+from prunebench.errors import one_line
 from prunebench.measure import Caller, eager_caller, paired_latency
 from prunebench.tracking import schema
 
@@ -33,9 +34,16 @@ class Speed:
 
 
 def _onnx(model: nn.Module, shape: tuple[int, ...], path: Path, ctx: Context) -> OrtModel:
-    """Export ``model`` to ``path``, open it in ONNX Runtime and check its outputs against PyTorch's."""
-    ort = OrtModel(export_onnx(model, shape, path), ctx.device)
-    check_outputs(model, ort, shape)
+    """Export ``model`` to ``path``, open it in ONNX Runtime and check its outputs against PyTorch's; any of
+    these failing is an :class:`ExportError` (the cell keeps its eager figures)."""
+    exported = export_onnx(model, shape, path)
+    try:
+        ort = OrtModel(exported, ctx.device)
+        check_outputs(model, ort, shape)
+    except ExportError:
+        raise
+    except Exception as exc:  # ONNX Runtime refused or failed the exported graph
+        raise ExportError(f"ONNX Runtime could not run the exported model: {one_line(exc, 300)}") from exc
     return ort
 
 
