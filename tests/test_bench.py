@@ -8,11 +8,13 @@ from __future__ import annotations
 import json
 import math
 from pathlib import Path
+from types import SimpleNamespace
 
 import pytest
 
+from prunebench.budget import resolve_round_to
 from prunebench.cli import main
-from prunebench.cli.bench import DEFAULTS
+from prunebench.cli.bench import DEFAULTS, parse_round_to
 from prunebench.commands.bench import (
     TARGETS,
     BenchConfig,
@@ -24,6 +26,8 @@ from prunebench.commands.bench import (
     spread,
     torch_threads,
 )
+from prunebench.commands.bench.deployment import Deployment, compile_unavailable, deploy_figure
+from prunebench.errors import UserError
 
 REQUIRED = (
     "loop_efficiency",
@@ -36,8 +40,15 @@ REQUIRED = (
     "thinet_s",
     "macs_count_s",
     "machine",
+    "plan",
+    "onnx_speedup",
+    "onnx_speedup_b1",
+    "onnx_efficiency",
+    "compiled_speedup",
+    "compiled_speedup_b1",
 )
 PER_METHOD = ("reg_overhead", "reg_overhead_step", "speedup", "speedup_b1", "speedup_efficiency", "macs_ratio")
+EXACT = ("speedup_exact", "speedup_b1_exact", "speedup_efficiency_exact", "macs_ratio_exact")
 
 
 @pytest.fixture(scope="module")
@@ -66,7 +77,9 @@ def test_quick_report_has_every_key_with_finite_numbers(quick_report: tuple[dict
         assert all(_finite(v) and v > 0 for v in rep[key].values()), (key, rep[key])
     for name, cls in available_methods().items():  # hooks cost something; no hooks cost nothing
         assert (rep["reg_overhead"][name] > 1.0) == cls.has_sparsity_training(), name
-    assert rep["speedup_efficiency_rounded"] and all(_finite(v) for v in rep["speedup_efficiency_rounded"].values())
+    for key in EXACT:  # the widths as pruned, beside the main plan (which rounds: auto on this device)
+        assert set(rep[key]) == {f"{m}+exact" for m in methods}, key
+        assert all(_finite(v) and v > 0 for v in rep[key].values()), (key, rep[key])
     for k, v in rep["speedup_efficiency"].items():  # efficiency is speedup over MACs ratio, key by key
         assert v == pytest.approx(rep["speedup"][k] / rep["macs_ratio"][k])
     assert all(1.5 < v < 3.0 for v in rep["macs_ratio"].values())  # pruned to ~50% fewer MACs
@@ -93,7 +106,7 @@ def test_quick_report_has_targets_with_pass_fail(quick_report: tuple[dict, Path]
     assert rep["all_pass"] == all(rep["pass"].values())
     assert set(rep["targets"]) == set(TARGETS)
     for c in rep["checks"]:  # every verdict agrees with its bound
-        t = TARGETS[c["figure"].replace("_rounded", "")]
+        t = TARGETS[c["figure"]]
         assert c["pass"] == (c["value"] >= t.bound if t.at_least else c["value"] <= t.bound)
     missed = [c for c in rep["checks"] if not c["pass"]]
     assert set(rep["profiles"]) <= {c["name"] for c in missed}  # profiles only for misses
@@ -125,7 +138,7 @@ def _figures(loop: float = 1.0, reg: float = 1.0, eff: float = 0.9, engine: floa
         "reg_overhead": {m: reg for m in methods},
         "data_headroom": 50.0,
         "speedup_efficiency": {m: eff for m in methods},
-        "speedup_efficiency_rounded": {f"{m}+round8": eff for m in methods},
+        "speedup_efficiency_exact": {f"{m}+exact": eff for m in methods},
         "engine_s": engine,
         "thinet_s": 5.0,
         "macs_count_s": 0.2,
@@ -151,17 +164,15 @@ def test_check_targets_flags_exactly_the_misses(figures: dict, missed: set[str])
     assert {f"speedup_efficiency[{m}]" for m in figures["speedup_efficiency"]} <= names  # every method has a target
 
 
-def test_speedup_misses_are_reported_per_method_and_rounding() -> None:
+def test_speedup_misses_are_reported_per_method_of_the_main_plan_only() -> None:
     import torch
 
     figures = _figures()
     figures["speedup_efficiency"]["thinet"] = 0.5
-    figures["speedup_efficiency_rounded"]["l1+round8"] = 0.7
+    figures["speedup_efficiency_exact"]["l1+exact"] = 0.7  # informational: the exact widths have no target
     rows = check_targets(figures, torch.device("cpu"))
-    assert {r["name"] for r in rows if not r["pass"]} == {
-        "speedup_efficiency[thinet]",
-        "speedup_efficiency_rounded[l1+round8]",
-    }
+    assert {r["name"] for r in rows if not r["pass"]} == {"speedup_efficiency[thinet]"}
+    assert not any("exact" in r["name"] for r in rows)
 
 
 def test_paired_ratio_is_the_median_of_per_round_ratios() -> None:
@@ -239,3 +250,110 @@ def test_quick_runs_single_threaded_and_restores_the_thread_count(quick_report: 
 def test_option_defaults_are_the_config_defaults() -> None:
     """prunebench/cli/bench.py repeats BenchConfig's defaults (the CLI imports no command to build --help)."""
     assert {k: getattr(BenchConfig(), k) for k in DEFAULTS} == DEFAULTS
+
+
+def test_quick_report_records_the_main_plan(quick_report: tuple[dict, Path]) -> None:
+    import torch
+
+    rep, out = quick_report
+    plan = rep["plan"]
+    assert rep["config"]["round_to"] == plan["option"] == "auto"  # the recipe default
+    assert plan["round_to"] == resolve_round_to("auto", torch.device("cpu")) and plan["exact_variant"]
+    assert f"`round_to: auto` = {plan['round_to']}" in (out / "quick.md").read_text()
+
+
+def test_quick_report_has_onnx_figures_or_a_reason(quick_report: tuple[dict, Path]) -> None:
+    rep, out = quick_report
+    dep = rep["details"]["deploy"]
+    errors = dep["onnx_errors"]
+    for k in rep["speedup"]:  # every model of the main plan: an ONNX speedup, or why not
+        if "dense" in errors or k in errors:
+            assert k not in rep["onnx_speedup"] and (errors.get(k) or errors["dense"])
+            continue
+        for key in ("onnx_speedup", "onnx_speedup_b1", "onnx_efficiency"):
+            assert _finite(rep[key][k]) and rep[key][k] > 0, (key, k)
+        assert rep["onnx_efficiency"][k] == pytest.approx(rep["onnx_speedup"][k] / rep["macs_ratio"][k])
+        assert all(dep["onnx_ms"][bs][k] > 0 for bs in ("1", str(rep["config"]["batch"])))
+    assert not any("exact" in k for k in rep["onnx_speedup"])  # the main plan only
+    md = (out / "quick.md").read_text()
+    assert "### ONNX Runtime and torch.compile" in md
+    assert all(f"- ONNX, {k}: {why}" in md for k, why in errors.items())
+
+
+def test_quick_skips_compile_and_says_so(quick_report: tuple[dict, Path]) -> None:
+    rep, out = quick_report
+    dep = rep["details"]["deploy"]
+    assert rep["compiled_speedup"] == rep["compiled_speedup_b1"] == {} and not dep["compile_s"]
+    assert "--quick" in dep["compile_note"] and dep["compile_note"] in (out / "quick.md").read_text()
+    assert rep["config"]["compile"] is False
+
+
+def test_quick_report_says_where_the_batch1_time_goes(quick_report: tuple[dict, Path]) -> None:
+    rep, out = quick_report
+    eager = rep["details"]["deploy"]["breakdown_b1"]["eager"]
+    assert eager["wall_ms"] > 0 and eager["conv_ms"] > 0 and eager["other_ms"] >= 0
+    assert eager["conv_ms"] + eager["other_ms"] + eager["remainder_ms"] == pytest.approx(eager["wall_ms"])
+    md = (out / "quick.md").read_text()
+    assert "### Where the batch-1 time goes" in md and f"convolutions {eager['conv_ms']:.2f} ms" in md
+
+
+@pytest.mark.parametrize(("value", "parsed"), [("auto", "auto"), ("AUTO", "auto"), ("1", 1), ("8", 8), (16, 16)])
+def test_round_to_is_auto_or_a_count(value: object, parsed: object) -> None:
+    assert parse_round_to(value) == parsed  # type: ignore[arg-type]
+
+
+@pytest.mark.parametrize("value", ["0", "-8", "x", "8.5", ""])
+def test_a_bad_round_to_is_a_user_error(value: str) -> None:
+    with pytest.raises(UserError, match="--round-to"):
+        parse_round_to(value)
+
+
+@pytest.mark.parametrize(
+    ("argv", "round_to", "compile_"),
+    [
+        ([], "auto", True),
+        (["--round-to", "1"], 1, True),
+        (["--round-to", "8", "--no-compile"], 8, False),
+        (["--quick"], "auto", False),
+        (["--quick", "--round-to", "1"], 1, False),
+    ],
+)
+def test_the_options_reach_the_config(
+    argv: list[str], round_to: object, compile_: bool, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    import prunebench.commands.bench as bench
+
+    seen: list[BenchConfig] = []
+
+    def fake_run(cfg: BenchConfig, **_: object) -> None:
+        seen.append(cfg)
+        raise UserError("stop")
+
+    monkeypatch.setattr(bench, "run_bench", fake_run)
+    assert main(["bench", *argv, "--out", "x"]) == 2
+    assert seen[0].round_to == round_to and seen[0].compile is compile_
+
+
+def test_deploy_figures_pair_each_model_with_its_dense_counterpart() -> None:
+    session = SimpleNamespace(providers=["CPUExecutionProvider"])  # only the names and providers are read
+    dep = Deployment(onnx=dict.fromkeys(("dense", "l1"), session), onnx_errors={"thinet": "ExportError: no"})  # type: ignore[arg-type]
+    times = {b: {"dense": [4.0, 4.0, 4.0], "onnx:dense": [2.0, 3.0, 2.0], "onnx:l1": [1.0, 1.0, 2.0]} for b in (1, 16)}
+    fig = deploy_figure(dep, times, {"l1": 2.0, "thinet": 2.0}, {})
+    f = fig.figures()
+    assert f["onnx_speedup"] == f["onnx_speedup_b1"] == {"l1": 2.0}  # median of 2/1, 3/1, 2/2; no thinet
+    assert f["onnx_efficiency"] == {"l1": 1.0} and f["compiled_speedup"] == {}
+    assert fig.vs_eager["onnx"][16].speedup == 2.0  # eager dense / ONNX dense
+    details = fig.details()
+    assert details["onnx_errors"] == {"thinet": "ExportError: no"}
+    assert details["onnx_providers"] == ["CPUExecutionProvider"] and details["onnx_ms"]["16"]["l1"] == 1000.0
+
+
+def test_compile_needs_a_cpp_compiler_on_the_cpu(monkeypatch: pytest.MonkeyPatch) -> None:
+    import torch
+
+    import prunebench.commands.bench.deployment as deployment
+
+    monkeypatch.setattr(deployment.shutil, "which", lambda _name: None)
+    assert "C++ compiler" in compile_unavailable(torch.device("cpu"))
+    monkeypatch.setattr(deployment.shutil, "which", lambda name: f"/usr/bin/{name}")
+    assert compile_unavailable(torch.device("cpu")) == ""

@@ -9,15 +9,19 @@ both sides of a ratio alike):
 2. ``reg_overhead`` -- per method, (plain step + the method's hooks timed alone) / plain step;
    ``reg_overhead_step`` is the end-to-end check.
 3. ``data_headroom`` -- batches/s of the augmentation pipeline / batches/s the training step consumes.
-4. ``speedup`` -- per method at the MACs target, dense latency / pruned latency at batch 1 and at the bench
-   batch, next to ``macs_ratio``; ``speedup_efficiency = speedup / macs_ratio``; also with ``round_to``.
+4. ``speedup`` -- per method at the MACs target with the default plan (``prune.round_to: auto``), dense
+   latency / pruned latency at batch 1 and at the bench batch, next to ``macs_ratio``;
+   ``speedup_efficiency = speedup / macs_ratio``; ``*_exact`` with the widths as pruned (no target); the same
+   models in ONNX Runtime (``onnx_speedup``, ``onnx_efficiency``) and compiled (``compiled_speedup``), timed in
+   the same rounds, and where the dense model's batch-1 forward spends its time.
 5. ``engine_s``, ``thinet_s``, ``macs_count_s`` -- seconds of one prune-to-target call, of ThiNet's selection
    and reconstruction, and of one fvcore count.
 
 Each figure is checked against its target (:mod:`~prunebench.commands.bench.targets`, where every timing
 budget of the project lives); a missed target gets a profile that says why. The modules: ``config``
-(:class:`BenchConfig`), ``workload`` (the shared set-up), ``timing``, ``figures``, ``targets``, ``profiles``,
-``machine``, ``report`` and ``runner`` (:func:`run_bench`). The command line is :mod:`prunebench.cli.bench`.
+(:class:`BenchConfig`), ``workload`` (the shared set-up), ``figures``, ``deployment`` (ONNX Runtime,
+torch.compile, the batch-1 breakdown), ``targets``, ``profiles``, ``machine``, ``report`` and ``runner``
+(:func:`run_bench`); the timing is :mod:`prunebench.timing`. The command line is :mod:`prunebench.cli.bench`.
 See docs/architecture.md; the measured reports are in reports/perf/.
 """
 

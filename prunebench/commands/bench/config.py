@@ -20,13 +20,14 @@ class BenchConfig:
     latency_reps: int = 9
     calib_images: int = 256
     target: float = 0.5
-    round_to: int = 8
+    round_to: int | str = "auto"  # the main plan's prune.round_to: auto (the device's vector width) or a multiple
     device: str = "cpu"
     quick: bool = False
     profile: bool = True
+    compile: bool = True  # time torch.compile'd models too (skipped by --quick)
 
     @classmethod
-    def quick_config(cls, device: str, profile: bool) -> BenchConfig:
+    def quick_config(cls, device: str, profile: bool, round_to: int | str = "auto") -> BenchConfig:
         return cls(
             model="resnet8_cifar",
             batch=16,
@@ -35,7 +36,9 @@ class BenchConfig:
             warmup=1,
             latency_reps=2,
             calib_images=32,
+            round_to=round_to,
             device=device,
             quick=True,
             profile=profile,
+            compile=False,
         )

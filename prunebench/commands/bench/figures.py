@@ -15,6 +15,8 @@ from typing import Any
 import torch
 from torch import nn
 
+from prunebench.budget import resolve_round_to
+from prunebench.commands.bench.deployment import DeployFigure
 from prunebench.commands.bench.workload import Workload, conv_widths
 from prunebench.groups import build_groups
 from prunebench.measure import count_macs, forward_call, latency_input, latency_ready
@@ -30,8 +32,9 @@ REG_VARIANTS: tuple[dict[str, Any], ...] = (
 )
 """Non-default regularizers, reported from their hook time alone (no target)."""
 
-ROUNDED = "+round"
-"""In a model's label: pruned with the engine's ``round_to`` (``l1+round8``)."""
+EXACT = "+exact"
+"""In a model's label: the widths as pruned (``round_to`` 1, the papers' exact widths: ``l1+exact``), the
+variant beside the main plan (``prune.round_to: auto`` by default); absent when the main plan is exact."""
 
 
 # -- 1. loop efficiency ----------------------------------------------------------------------------
@@ -201,14 +204,22 @@ class PrunedModel:
 
 @dataclass(frozen=True)
 class Pruning:
-    """The dense (untrained) model and its pruned copies by label (``l1``, ``l1+round8``, ...)."""
+    """The dense (untrained) model and its pruned copies by label: the main plan's (``l1``), the exact widths'
+    (``l1+exact``)."""
 
     dense: nn.Module
+    round_to: int  # the main plan's channel multiple (1: the widths as pruned)
     models: dict[str, PrunedModel] = field(default_factory=dict)
+
+    @property
+    def main(self) -> dict[str, PrunedModel]:
+        """The main plan's models (the default recipe's widths), by method name."""
+        return {k: p for k, p in self.models.items() if EXACT not in k}
 
 
 def prune_all(w: Workload) -> Pruning:
-    """Prune a copy of the dense (untrained) model with every method, without and with ``round_to``.
+    """Prune a copy of the dense (untrained) model with every method: the main plan (``round_to`` as configured,
+    ``auto`` by default: the device's vector width) and, when that rounds, the widths as pruned (``+exact``).
 
     Scores come from the untrained model (cheap, and speed depends on the widths, not on accuracy);
     at initialization every BN gamma is 1, so slimming's ranking is all ties, broken by group order.
@@ -216,10 +227,12 @@ def prune_all(w: Workload) -> Pruning:
     dense = w.new_model().eval()
     dense_macs = count_macs(dense, w.example).macs
     w.prune(dense, build_method({"name": "l1"}), None, None)  # warm-up: imports, tracer caches
-    out = Pruning(dense)
+    main = resolve_round_to(w.cfg.round_to, w.device)
+    out = Pruning(dense, round_to=main or 1)
+    plans = {"": main, **({EXACT: None} if main is not None else {})}
     for name, cls in available_methods().items():
-        for rt in (None, w.cfg.round_to):
-            label = name if rt is None else f"{name}{ROUNDED}{rt}"
+        for suffix, rt in plans.items():
+            label = name + suffix
             calib = w.calibration(dense) if cls.calibrated else None
             torch.manual_seed(0)
             model, res = w.prune(dense, build_method({"name": name}), calib, rt)
@@ -245,6 +258,7 @@ class SpeedFigure:
     macs_ratio: dict[str, float]
     latency_ms: dict[int, dict[str, float]]  # batch -> model (``dense`` too) -> median milliseconds
     spread: float  # of the dense model's rounds at the bench batch
+    times: dict[int, dict[str, list[float]]]  # batch -> everything in the rounds -> seconds per round
 
     @property
     def efficiency(self) -> dict[str, float]:
@@ -252,11 +266,12 @@ class SpeedFigure:
         return {k: v / self.macs_ratio[k] for k, v in self.speedup.items()}
 
     def figures(self) -> dict[str, dict[str, float]]:
-        """``speedup``, ``speedup_b1``, ``macs_ratio``, ``speedup_efficiency``, then the same ``_rounded``."""
+        """``speedup``, ``speedup_b1``, ``macs_ratio``, ``speedup_efficiency`` of the main plan, then the same
+        ``_exact`` (the widths as pruned; empty when the main plan is exact)."""
         out: dict[str, dict[str, float]] = {}
         eff = self.efficiency
-        for suffix, rounded in (("", False), ("_rounded", True)):
-            keys = [k for k in self.speedup if (ROUNDED in k) == rounded]
+        for suffix, exact in (("", False), ("_exact", True)):
+            keys = [k for k in self.speedup if (EXACT in k) == exact]
             out["speedup" + suffix] = {k: self.speedup[k] for k in keys}
             out["speedup_b1" + suffix] = {k: self.speedup_b1[k] for k in keys}
             out["macs_ratio" + suffix] = {k: self.macs_ratio[k] for k in keys}
@@ -264,22 +279,28 @@ class SpeedFigure:
         return out
 
 
-def speedup(w: Workload, pruning: Pruning) -> SpeedFigure:
+def speedup(
+    w: Workload, pruning: Pruning, extra: Callable[[int, torch.Tensor], dict[str, Callable[[], object]]] | None = None
+) -> SpeedFigure:
     """Latency of every pruned model against the dense one at batch 1 and the bench batch.
 
-    All models run in every round (interleaved); a speedup is the median over rounds of the paired
-    ratio dense / pruned. Latencies are plain medians.
+    All models run in every round (interleaved), with ``extra``'s calls (batch, input -> name -> call: the ONNX
+    Runtime sessions and compiled models, paired by :func:`~prunebench.commands.bench.deployment.deploy_figure`
+    from ``times``); a speedup is the median over rounds of the paired ratio dense / pruned. Latencies are
+    plain medians.
     """
     nets = {"dense": latency_ready(pruning.dense, w.device)}
     nets.update({k: latency_ready(p.model, w.device) for k, p in pruning.models.items()})
     lat: dict[int, dict[str, float]] = {}
     speed: dict[int, dict[str, float]] = {}
+    times: dict[int, dict[str, list[float]]] = {}
     noise = float("nan")
-    for bs in (1, w.cfg.batch):
+    for bs in dict.fromkeys((1, w.cfg.batch)):
         x = latency_input(bs, (3, 32, 32), w.device)
-        fns = {k: forward_call(net, x) for k, net in nets.items()}
-        t = interleaved(fns, w.cfg.latency_reps * (4 if bs == 1 else 1), 2 * w.cfg.warmup, w.device)
-        lat[bs] = {k: 1e3 * median(v) for k, v in t.items()}
+        fns: dict[str, Callable[[], object]] = {k: forward_call(net, x) for k, net in nets.items()}
+        fns.update(extra(bs, x) if extra is not None else {})
+        t = times[bs] = interleaved(fns, w.cfg.latency_reps * (4 if bs == 1 else 1), 2 * w.cfg.warmup, w.device)
+        lat[bs] = {k: 1e3 * median(t[k]) for k in nets}
         if bs == w.cfg.batch:
             noise = spread(t["dense"])
         speed[bs] = {k: paired_ratio(t["dense"], t[k]) for k in pruning.models}
@@ -290,6 +311,7 @@ def speedup(w: Workload, pruning: Pruning) -> SpeedFigure:
         macs_ratio={k: p.macs_ratio for k, p in pruning.models.items()},
         latency_ms=lat,
         spread=noise,
+        times=times,
     )
 
 
@@ -298,7 +320,7 @@ def speedup(w: Workload, pruning: Pruning) -> SpeedFigure:
 class EngineFigure:
     """Seconds of one prune-to-target call, of ThiNet's selection and of one fvcore count."""
 
-    engine_s: float  # median over the score-based methods (widths as pruned)
+    engine_s: float  # median over the score-based methods (the main plan)
     thinet_s: float  # the plan step of the calibration-based methods (the slowest)
     macs_count_s: float
     engine_s_each: list[float]
@@ -309,7 +331,7 @@ class EngineFigure:
 
 def engine_costs(w: Workload, pruning: Pruning) -> EngineFigure:
     """engine_s and thinet_s from the calls of :func:`prune_all`; macs_count_s timed here."""
-    plain = {k: p for k, p in pruning.models.items() if ROUNDED not in k}
+    plain = pruning.main
     scored = [p.seconds for p in plain.values() if not p.uniform]
     thinet = [p.timings.get("plan", float("nan")) for p in plain.values() if p.uniform]
     counts = w.time({"count": lambda: count_macs(pruning.dense, w.example)}, w.cfg.reps)["count"]
@@ -332,6 +354,7 @@ class Measurements:
     pruning: Pruning
     speed: SpeedFigure
     engine: EngineFigure
+    deploy: DeployFigure
 
     def figures(self) -> dict[str, Any]:
         return {
@@ -341,6 +364,7 @@ class Measurements:
             "reg_overhead_step": self.reg.step,
             "reg_overhead_variants": self.reg.variants,
             **self.speed.figures(),
+            **self.deploy.figures(),
             "engine_s": self.engine.engine_s,
             "thinet_s": self.engine.thinet_s,
             "macs_count_s": self.engine.macs_count_s,
@@ -362,5 +386,6 @@ class Measurements:
             "reg": self.reg.details(),
             "prune": {k: p.details() for k, p in self.pruning.models.items()},
             "latency_ms": {str(bs): v for bs, v in self.speed.latency_ms.items()},
+            "deploy": self.deploy.details(),
             "engine": self.engine.details(),
         }

@@ -7,7 +7,6 @@ Python-level engine work (tracing, graph walks). See docs/architecture.md.
 
 from __future__ import annotations
 
-import contextlib
 import cProfile
 import ctypes
 import io
@@ -16,12 +15,13 @@ import pstats
 import re
 import sys
 import tempfile
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 
 import torch
 from tabulate import tabulate
 from torch.profiler import ProfilerActivity, profile
 
+from prunebench.commands.bench.deployment import native_stderr_silenced
 from prunebench.commands.bench.figures import Pruning
 from prunebench.commands.bench.targets import Check
 from prunebench.commands.bench.workload import Workload
@@ -55,7 +55,7 @@ def profile_miss(w: Workload, check: Check, pruning: Pruning) -> str:
         return _profile_hooks(w, key or "oicsr")
     if kind == "data_headroom":
         return op_table(lambda: [x.sum() for x, _ in w.epoch()])
-    if kind in ("speedup_efficiency", "speedup_efficiency_rounded"):
+    if kind == "speedup_efficiency":
         return _profile_forward(w, pruning, key or "")
     if kind in ("engine_s", "thinet_s", "macs_count_s"):
         return _profile_engine(w, pruning, kind)
@@ -97,20 +97,6 @@ def _profile_engine(w: Workload, pruning: Pruning, kind: str) -> str:
 _CONV_OPS = ("aten::mkldnn_convolution", "aten::cudnn_convolution", "aten::_slow_conv2d_forward", "aten::thnn_conv2d")
 
 
-@contextlib.contextmanager
-def _native_stderr_silenced() -> Iterator[None]:
-    """Send file descriptor 2 to /dev/null: the profiler's native library logs start/stop lines there."""
-    sys.stderr.flush()
-    saved = os.dup(2)
-    try:
-        with open(os.devnull, "w") as null:
-            os.dup2(null.fileno(), 2)
-            yield
-    finally:
-        os.dup2(saved, 2)
-        os.close(saved)
-
-
 def op_table(fn: Callable[[], object], shapes: bool = False, rows: int = 14) -> str:
     """torch.profiler's operator table (self CPU time) for one call of ``fn``."""
     return op_profile(fn, shapes, rows)[0]
@@ -122,7 +108,7 @@ def op_profile(fn: Callable[[], object], shapes: bool = False, rows: int = 14) -
     cuda = torch.cuda.is_available()
     acts = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if cuda else [])
     fn()
-    with _native_stderr_silenced(), profile(activities=acts, record_shapes=shapes) as prof:
+    with native_stderr_silenced(), profile(activities=acts, record_shapes=shapes) as prof:
         fn()
     events = prof.key_averages(group_by_input_shape=shapes)
     sort = "self_cuda_time_total" if cuda else "self_cpu_time_total"

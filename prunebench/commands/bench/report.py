@@ -15,6 +15,7 @@ from typing import Any
 
 from tabulate import tabulate
 
+from prunebench.budget import describe_device
 from prunebench.commands.bench.config import BenchConfig
 from prunebench.commands.bench.figures import Measurements
 from prunebench.commands.bench.machine import load_average
@@ -53,8 +54,15 @@ def build_report(
     load = load_average()
     if load is not None:
         machine["load_avg_end"] = load
+    plan = {
+        "round_to": m.pruning.round_to,
+        "option": cfg.round_to,
+        "device": describe_device(machine["device"]),
+        "exact_variant": any(m.speed.figures()["speedup_exact"]),
+    }
     return {
         **m.figures(),
+        "plan": plan,
         "machine": machine,
         "targets": {name: {"bound": t.text, "why": t.why} for name, t in TARGETS.items()},
         "checks": checks,
@@ -139,7 +147,7 @@ def render_markdown(rep: dict[str, Any]) -> str:
         "",
         verdict,
     ]
-    out += _loop_and_data(rep) + _speedup(rep) + _engine(rep)
+    out += _loop_and_data(rep) + _speedup(rep) + _deployed(rep) + _batch1(rep) + _engine(rep)
     out += ["", "## Machine", "", *(f"- {k}: {v}" for k, v in m.items())]
     if rep["profiles"]:
         out += ["", "## Profiles of missed targets", ""]
@@ -205,22 +213,13 @@ def _loop_and_data(rep: dict[str, Any]) -> list[str]:
 
 def _speedup(rep: dict[str, Any]) -> list[str]:
     """Section 4: the real speedup of every pruned model, and the conv widths it kept."""
-    cfg, det = rep["config"], rep["details"]
-    b, rt = cfg["batch"], cfg["round_to"]
-    lat1, latb = det["latency_ms"]["1"], det["latency_ms"][str(b)]
+    cfg, det, plan = rep["config"], rep["details"], rep["plan"]
+    b, rt = cfg["batch"], plan["round_to"]
+    lat1, latb = det["latency_ms"].get("1", {}), det["latency_ms"][str(b)]
     rows = [
-        (k, rep["macs_ratio"][k], rep["speedup_b1"][k], rep["speedup"][k], rep["speedup_efficiency"][k])
-        for k in rep["speedup"]
-    ]
-    rows += [
-        (
-            k,
-            rep["macs_ratio_rounded"][k],
-            rep["speedup_b1_rounded"][k],
-            rep["speedup_rounded"][k],
-            rep["speedup_efficiency_rounded"][k],
-        )
-        for k in rep["speedup_rounded"]
+        (k, rep["macs_ratio" + s][k], rep["speedup_b1" + s][k], rep["speedup" + s][k], rep["speedup_efficiency" + s][k])
+        for s in ("", "_exact")
+        for k in rep["speedup" + s]
     ]
     table = [("dense", "1.000", "1.000", "1.000", "", f"{lat1['dense']:.2f}", f"{latb['dense']:.1f}")]
     table += [
@@ -231,7 +230,7 @@ def _speedup(rep: dict[str, Any]) -> list[str]:
         "Pruned with each method's scores on the dense, *untrained* model (speed depends on the channel widths "
         "left, not on accuracy; at initialization every BN gamma is 1, so slimming's ranking is all ties, broken "
         f"by group order). Eval mode, inference mode, median of {cfg['latency_reps']} runs (x4 at batch 1). "
-        f"`+round{rt}` uses the engine's `round_to={rt}` (recipe key `prune.round_to`)."
+        f"{_plan_text(plan)}"
     )
     headers = ["method", "MACs ratio", "speedup b1", f"speedup b{b}", "efficiency", "ms b1", f"ms b{b}"]
     out = [
@@ -242,18 +241,113 @@ def _speedup(rep: dict[str, Any]) -> list[str]:
         "",
         *_table(headers, table, "lrrrrrr"),
     ]
-    eff, eff_r = rep["speedup_efficiency"].values(), rep["speedup_efficiency_rounded"].values()
-    if eff and eff_r:
+    eff, eff_x = rep["speedup_efficiency"].values(), rep["speedup_efficiency_exact"].values()
+    if eff and eff_x:
         summary = (
-            f"Efficiency at batch {b}: {min(eff):.2f}-{max(eff):.2f} with the widths as pruned, "
-            f"{min(eff_r):.2f}-{max(eff_r):.2f} with `round_to={rt}`. The profiles of missed targets (below) split "
-            "each forward pass into convolutions and other operators and give the convolutions' throughput by "
-            "channel alignment."
+            f"Efficiency at batch {b}: {min(eff):.2f}-{max(eff):.2f} with the main plan (`round_to={rt}`), "
+            f"{min(eff_x):.2f}-{max(eff_x):.2f} with the widths as pruned. The profiles of missed targets (below) "
+            "split each forward pass into convolutions and other operators and give the convolutions' throughput "
+            "by channel alignment."
         )
         out += ["", summary]
     out += ["", "Conv output widths after pruning (module order):", ""]
     out += [f"- {k}: {v['widths']}" for k, v in sorted(det["prune"].items())]
     return out
+
+
+def _plan_text(plan: dict[str, Any]) -> str:
+    """What the main plan and the exact-width variant are."""
+    rt, opt = plan["round_to"], plan["option"]
+    how = (
+        f"`round_to: auto` = {rt}, the channel multiple of {plan['device']}" if opt == "auto" else f"`--round-to {opt}`"
+    )
+    main = f"The methods' names are the main plan ({how}; recipe key `prune.round_to`), which has the target"
+    if not plan["exact_variant"]:
+        return main + " (the widths as pruned: no separate exact variant)."
+    return main + "; `+exact` is the widths as pruned (the papers' exact widths), informational, without a target."
+
+
+def _cell(values: dict[str, float], key: str, digits: int) -> str:
+    return f"{values[key]:.{digits}f}" if key in values else "-"
+
+
+def _deployed(rep: dict[str, Any]) -> list[str]:
+    """ONNX Runtime and torch.compile latency beside the eager figures, for the main plan."""
+    cfg, dep = rep["config"], rep["details"]["deploy"]
+    b = cfg["batch"]
+    kinds = ["onnx", *(["compiled"] if dep["compiled_ms"] else [])]
+    headers = ["method"]
+    for kind in kinds:
+        name = "ONNX" if kind == "onnx" else kind
+        headers += [f"{name} ms b1", f"{name} ms b{b}", f"{name} speedup b1", f"{name} speedup b{b}"]
+        headers += ["ONNX efficiency"] if kind == "onnx" else []
+    rows = []
+    for k in ["dense", *rep["speedup"]]:
+        row = [k]
+        for kind in kinds:
+            ms = dep[f"{kind}_ms"]
+            row += [_cell(ms.get("1", {}), k, 2), _cell(ms.get(str(b), {}), k, 1)]
+            for suffix, bs in (("_b1", "1"), ("", str(b))):
+                speed = {**rep[f"{kind}_speedup{suffix}"], **({"dense": 1.0} if k in ms.get(bs, {}) else {})}
+                row.append(_cell(speed, k, 3))
+            row += [_cell(rep["onnx_efficiency"], k, 3)] if kind == "onnx" else []
+        rows.append(row)
+    providers = ", ".join(dep["onnx_providers"]) or "none"
+    text = (
+        "The dense model and the main plan's pruned models exported to ONNX (`prunebench.deploy`, float32) and run "
+        f"by ONNX Runtime ({providers}, torch's thread count), and compiled with `torch.compile(dynamic=False)`, "
+        "timed in the same interleaved rounds as the eager models; each speedup is over its own dense model "
+        f"(dense ONNX -> pruned ONNX, dense compiled -> pruned compiled); no target. Export took {dep['export_s']:.1f} s"
+    )
+    if dep["compile_s"]:
+        text += f", compilation {sum(dep['compile_s'].values()):.1f} s (both batch sizes)."
+    else:
+        text += f". {dep['compile_note'].rstrip('.')}."
+    vs = [
+        f"dense {'ONNX Runtime' if kind == 'onnx' else 'compiled'} over eager: x{v[str(b)]:.2f} at batch {b}, x{v['1']:.2f} at batch 1"
+        for kind, v in dep["vs_eager"].items()
+        if v
+    ]
+    out = [
+        "",
+        "### ONNX Runtime and torch.compile",
+        "",
+        text,
+        "",
+        *_table(headers, rows, "l" + "r" * (len(headers) - 1)),
+    ]
+    if vs:
+        out += ["", "Speed over eager PyTorch: " + "; ".join(vs) + "."]
+    errors = [f"- ONNX, {k}: {v}" for k, v in dep["onnx_errors"].items()]
+    errors += [f"- torch.compile, {k}: {v}" for k, v in dep["compile_errors"].items()]
+    if errors:
+        out += ["", "Models without these figures (the reason):", "", *errors]
+    return out
+
+
+def _batch1(rep: dict[str, Any]) -> list[str]:
+    """Where the dense model's batch-1 forward spends its time: convolutions, other operators, the rest."""
+    det = rep["details"]
+    bd = det["deploy"]["breakdown_b1"]
+    parts = []
+    for kind, d in bd.items():
+        wall = d["wall_ms"]
+        share = {k: 100 * d[k] / wall for k in ("conv_ms", "other_ms", "remainder_ms")}
+        parts.append(
+            f"{kind}: {wall:.2f} ms per forward under the profiler, convolutions {d['conv_ms']:.2f} ms "
+            f"({share['conv_ms']:.0f}%), other operators {d['other_ms']:.2f} ms ({share['other_ms']:.0f}%), "
+            f"the remainder (Python, dispatcher, framework: wall minus the operators' self time) "
+            f"{d['remainder_ms']:.2f} ms ({share['remainder_ms']:.0f}%)"
+        )
+    text = (
+        f"The dense model's forward at batch 1, {next(iter(bd.values()))['calls']} calls under torch.profiler "
+        f"(unprofiled median {det['latency_ms']['1']['dense']:.2f} ms): " + "; ".join(parts) + "."
+    )
+    if "compiled" in bd:
+        text += " Inductor's fused kernels are not operators to the profiler: in the compiled model they count in the remainder."
+    else:
+        text += f" {det['deploy']['compile_note'] or 'torch.compile did not run'}."
+    return ["", "### Where the batch-1 time goes", "", text]
 
 
 def _engine(rep: dict[str, Any]) -> list[str]:

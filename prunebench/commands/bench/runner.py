@@ -12,7 +12,7 @@ from collections.abc import Sequence
 
 import torch
 
-from prunebench.commands.bench import figures
+from prunebench.commands.bench import deployment, figures
 from prunebench.commands.bench.config import BenchConfig
 from prunebench.commands.bench.machine import machine_info, report_name
 from prunebench.commands.bench.profiles import misses, profile_miss
@@ -78,11 +78,15 @@ def _measure(cfg: BenchConfig, command: Sequence[str]) -> BenchReport:
     reg = figures.reg_overhead(w)
     clock.say("pruning every method")
     pruning = figures.prune_all(w)
-    clock.say("latency of pruned models")
-    speed = figures.speedup(w, pruning)
+    dep = _deploy(w, pruning, clock)
+    clock.say("latency of pruned models (eager, ONNX Runtime" + (", compiled)" if dep.compiled else ")"))
+    speed = figures.speedup(w, pruning, dep.callers)
+    clock.say("where the batch-1 time goes")
+    macs = {k: p.macs_ratio for k, p in pruning.main.items()}
+    deploy = deployment.deploy_figure(dep, speed.times, macs, deployment.breakdowns(w, pruning.dense, dep))
     clock.say("engine costs")
     engine = figures.engine_costs(w, pruning)
-    m = figures.Measurements(loop=loop, data=data, reg=reg, pruning=pruning, speed=speed, engine=engine)
+    m = figures.Measurements(loop=loop, data=data, reg=reg, pruning=pruning, speed=speed, engine=engine, deploy=deploy)
     checks = check_targets(m.figures(), w.device)
     profiles: dict[str, str] = {}
     if cfg.profile:
@@ -91,3 +95,20 @@ def _measure(cfg: BenchConfig, command: Sequence[str]) -> BenchReport:
             profiles[check["name"]] = profile_miss(w, check, pruning)
     document = build_report(m, cfg, machine, checks, profiles, command, clock.seconds)
     return BenchReport(document=document, name=report_name(w.device))
+
+
+def _deploy(w: Workload, pruning: figures.Pruning, clock: _Clock) -> deployment.Deployment:
+    """The main plan's models exported to ONNX Runtime and, unless ``--no-compile``/``--quick``, compiled."""
+    models = {"dense": pruning.dense, **{k: p.model for k, p in pruning.main.items()}}
+    note = "" if w.cfg.compile else "torch.compile skipped (" + ("--quick" if w.cfg.quick else "--no-compile") + ")"
+    what = "exporting to ONNX" + ("" if note else " and compiling with torch.compile")
+    clock.say(f"{what}: dense and the {len(models) - 1} pruned models of the main plan")
+    dep = deployment.prepare(w, models, w.cfg.compile, note)
+    for what, errors in (("ONNX export", dep.onnx_errors), ("torch.compile", dep.compile_errors)):
+        for k, why in errors.items():
+            clock.say(f"{what} of {k} failed: {why}", logging.WARNING)
+    if dep.compile_s:
+        clock.say(f"compiled {len(dep.compile_s)} models in {sum(dep.compile_s.values()):.1f} s")
+    elif dep.compile_note:
+        clock.say(dep.compile_note)
+    return dep
