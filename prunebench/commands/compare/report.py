@@ -75,8 +75,8 @@ def speed_notes(cells: pd.DataFrame, table: pd.DataFrame) -> list[str]:
     if noisy:
         notes.append(
             f"speedups marked noisy ({', '.join(noisy)}): the per-round ratios of dense and pruned latency "
-            f"disagreed by more than {NOISY_SPEEDUP_SPREAD:.0%} (median absolute deviation), so other work "
-            "loaded the machine while they were timed; measure on a quiet machine or raise measure.repeats"
+            f"disagreed by more than {NOISY_SPEEDUP_SPREAD:.0%} (median absolute deviation): the machine's load or "
+            "its timer changed from round to round; measure on a quiet machine or raise measure.repeats"
         )
     failed = cells[cells["onnx_error"].notna()] if "onnx_error" in cells else cells.iloc[:0]
     if len(failed):
