@@ -21,6 +21,7 @@ from typing import Any
 import mlflow
 from mlflow.entities import Experiment
 from mlflow.tracking import MlflowClient
+from sqlalchemy.engine import make_url
 
 from prunebench.errors import UserError, one_line
 from prunebench.files import sqlite_lock
@@ -28,6 +29,10 @@ from prunebench.tracking.schema import DEFAULT_URI, EXPERIMENT_KIND, EXPERIMENT_
 
 CONNECT_TIMEOUT_S = 5  # an unreachable server fails the command in seconds, before any work
 WHERE_URI = "tracking.uri in the recipe, --tracking-uri, or MLFLOW_TRACKING_URI"
+DATABASES = ("postgresql", "mysql", "mariadb", "mssql", "oracle")  # SQLAlchemy URLs whose driver is a separate package
+SCALE_EXTRA = "pip install 'prunebench[scale]'"
+# the package to install where a driver module's name is not the package's
+DRIVER_PACKAGES = {"psycopg2": "psycopg2-binary", "MySQLdb": "mysqlclient"}
 
 
 def quiet_mlflow() -> None:
@@ -120,9 +125,40 @@ def fail_fast() -> Iterator[None]:
                 os.environ[k] = v
 
 
+def check_driver(url: str, what: str) -> None:
+    """Refuse a database URL (``postgresql://``, ``mysql+pymysql://``...) whose Python driver is not installed,
+    with one line naming what to install, before any connection or work. ``what`` names the URL in the message.
+
+    The driver is the one SQLAlchemy picks for the URL's dialect (``postgresql://`` means psycopg from
+    SQLAlchemy 2.1 on, which the ``scale`` extra installs).
+    """
+    if url.partition(":")[0].partition("+")[0].lower() not in DATABASES:
+        return
+    try:
+        parsed = make_url(url)
+        dialect = parsed.get_dialect()
+    except Exception:  # not a URL SQLAlchemy parses, or an unknown driver: the connection reports it
+        return
+    try:
+        (getattr(dialect, "import_dbapi", None) or dialect.dbapi)()  # dbapi(): SQLAlchemy 1.4
+    except ImportError as exc:
+        module = exc.name or one_line(exc)
+        install = f"pip install {DRIVER_PACKAGES.get(module, module)}"
+        shown = parsed.render_as_string(hide_password=True)
+        if parsed.get_backend_name() == "postgresql":
+            fix = SCALE_EXTRA if module == "psycopg" else f"{install}, or use postgresql:// and {SCALE_EXTRA}"
+        else:
+            fix = install
+        raise UserError(
+            f"{what} {shown!r} needs the database driver {module!r}, which is not installed: {fix}"
+        ) from None
+
+
 def check_uri(uri: str | None) -> str:
-    """Checks that need no connection: a SQLite file's folder exists and is writable. Returns the URI."""
+    """Checks that need no connection: a SQLite file's folder exists and is writable, a database URL's driver
+    is installed (:func:`check_driver`). Returns the URI."""
     uri = resolve_uri(uri)
+    check_driver(uri, "tracking URI")
     if uri.startswith("sqlite:///"):
         db = Path(uri.removeprefix("sqlite:///"))
         parent = db.parent if str(db.parent) else Path(".")
@@ -165,6 +201,7 @@ def client(uri: str | None) -> MlflowClient:
     and reads are not retried for minutes (MLflow's default) when the server goes away."""
     quiet_mlflow()
     uri = resolve_uri(uri)
+    check_driver(uri, "tracking URI")
     if uri.startswith(("http://", "https://")):
         probe(uri)
         os.environ.setdefault("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "1")

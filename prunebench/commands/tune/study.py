@@ -55,6 +55,7 @@ def mask_url(url: str) -> str:
 
 def open_storage(url: str, heartbeat_interval: int | None) -> Any:
     """An Optuna ``RDBStorage``; SQLite waits up to 60 s for a lock instead of failing at once."""
+    store.check_driver(url, "storage")
     engine_kwargs = {"connect_args": {"timeout": 60}} if url.startswith("sqlite") else None
     if url.startswith("sqlite:///"):
         folder = Path(url.removeprefix("sqlite:///")).parent
@@ -70,7 +71,7 @@ def open_storage(url: str, heartbeat_interval: int | None) -> Any:
     except Exception as exc:  # bad scheme, missing driver, unreachable server, locked file...
         raise UserError(
             f"storage {mask_url(url)!r} cannot be used ({one_line(exc)}); fix tune.storage / --storage "
-            "(any SQLAlchemy URL Optuna accepts; PostgreSQL needs `pip install psycopg2-binary`)"
+            f"(any SQLAlchemy URL Optuna accepts; PostgreSQL needs `{store.SCALE_EXTRA}`)"
         ) from None
 
 
