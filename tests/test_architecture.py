@@ -19,7 +19,7 @@ pytestmark = pytest.mark.unit
 ROOT = Path(__file__).resolve().parents[1]
 PACKAGES = {"prunebench": ROOT / "prunebench", "prunebench.methods": ROOT / "methods"}
 CORE_FORBIDDEN = ("argparse", "mlflow", "optuna", "prunebench.tracking", "prunebench.commands", "prunebench.cli")
-OPTIONAL = ("ray", "onnxruntime", "onnx", "psycopg2", "triton")  # may be imported inside a function
+OPTIONAL = ("ray", "onnxruntime", "onnx", "psycopg", "triton")  # may be imported inside a function
 MAX_LINES = 500
 
 

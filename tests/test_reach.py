@@ -100,7 +100,7 @@ def test_auto_is_internal_on_a_plain_resnet() -> None:
 
 
 def test_run_refuses_an_unreachable_target_before_anything_exists(write_recipe, tiny_recipe, capsys) -> None:
-    reach = _reach("resnet8_cifar", tiny_recipe["data"]["image_size"])
+    reach = _reach("resnet8_cifar", tiny_recipe["data"]["image_size"], round_to="auto")
     target = _between(reach)
     tiny_recipe["prune"] = {"target": [0.2, target], "scope": "internal"}
     tiny_recipe["dense"]["epochs"] = 50  # refused up front, or this test would take minutes
@@ -125,7 +125,7 @@ def test_run_refuses_an_unreachable_target_before_anything_exists(write_recipe, 
 def test_auto_resolves_once_and_the_cells_use_that_scope(write_recipe, tiny_recipe, capsys) -> None:
     import mlflow
 
-    target = _between(_reach("resnet8_cifar", tiny_recipe["data"]["image_size"]))
+    target = _between(_reach("resnet8_cifar", tiny_recipe["data"]["image_size"], round_to="auto"))
     tiny_recipe["prune"] = {"target": target, "scope": "auto"}
     tiny_recipe["dense_control"] = False
     assert main(["run", str(write_recipe(tiny_recipe))]) == 0
@@ -141,7 +141,7 @@ def test_auto_resolves_once_and_the_cells_use_that_scope(write_recipe, tiny_reci
 
 
 def test_tune_refuses_an_unreachable_target_before_the_dense_model_trains(write_recipe, tiny_recipe, capsys) -> None:
-    target = _between(_reach("resnet8_cifar", tiny_recipe["data"]["image_size"]))
+    target = _between(_reach("resnet8_cifar", tiny_recipe["data"]["image_size"], round_to="auto"))
     tiny_recipe["methods"] = [{"name": "oicsr", "lambda": {"tune": [1.0e-6, 1.0e-3], "log": True}}]
     tiny_recipe["tune"] = {"sparsity_epochs": 1, "finetune_epochs": 1, "target": target}
     tiny_recipe["dense"]["epochs"] = 50
