@@ -7,8 +7,10 @@ bug or a failed run and is reported as such.
 
 from __future__ import annotations
 
+import contextlib
 import difflib
-from collections.abc import Iterable
+import logging
+from collections.abc import Iterable, Iterator
 
 
 class UserError(Exception):
@@ -36,3 +38,18 @@ def close_matches(name: str, known: Iterable[str], n: int = 3) -> str:
     if len(known) > 30:  # e.g. timm's ~1400 models: the hint is what helps, a partial list is noise
         return hint + f" ({len(known)} known names.)"
     return f"{hint} Known: {', '.join(known)}."
+
+
+@contextlib.contextmanager
+def quiet_loggers(*names: str, level: int = logging.ERROR) -> Iterator[None]:
+    """Raise the named loggers to ``level`` for a block: libraries that log what prunebench reports once in its
+    own words (fvcore's skipped operators, the hub's failed requests); their levels come back afterwards."""
+    loggers = [logging.getLogger(n) for n in names]
+    before = [lg.level for lg in loggers]
+    for lg in loggers:
+        lg.setLevel(level)
+    try:
+        yield
+    finally:
+        for lg, lvl in zip(loggers, before, strict=True):
+            lg.setLevel(lvl)

@@ -10,7 +10,6 @@ channel counts instead of re-tracing the model for every channel it removes.
 from __future__ import annotations
 
 import copy
-import logging
 import warnings
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from contextlib import contextmanager
@@ -19,6 +18,7 @@ from dataclasses import dataclass, field
 import torch
 from torch import Tensor, nn
 
+from prunebench.errors import quiet_loggers
 from prunebench.timing import Paired, interleaved, pair
 
 with warnings.catch_warnings():  # fvcore's imports warn about deprecated iopath/portalocker usage
@@ -58,7 +58,7 @@ def count_macs(model: nn.Module, example_input: Tensor) -> MacsReport:
     count (ReLU, adds) and modules the trace never called are silenced: they are expected.
     """
     device = next(model.parameters()).device
-    with _eval_no_grad(model), warnings.catch_warnings(), _quiet_fvcore():
+    with _eval_no_grad(model), warnings.catch_warnings(), quiet_loggers("fvcore", "fvcore.nn.jit_analysis"):
         warnings.simplefilter("ignore")  # jit tracer and deprecation warnings
         analysis = FlopCountAnalysis(model, (example_input.to(device),))
         analysis.unsupported_ops_warnings(False).uncalled_modules_warnings(False).tracer_warnings("none")
@@ -82,20 +82,6 @@ def count_macs(model: nn.Module, example_input: Tensor) -> MacsReport:
         per_layer=per_layer,
         by_module=by_module,
     )
-
-
-@contextmanager
-def _quiet_fvcore() -> Iterator[None]:
-    """Silence fvcore's logger (it logs skipped operators at WARNING level) for one count."""
-    loggers = [logging.getLogger(n) for n in ("fvcore", "fvcore.nn.jit_analysis")]
-    levels = [lg.level for lg in loggers]
-    for lg in loggers:
-        lg.setLevel(logging.ERROR)
-    try:
-        yield
-    finally:
-        for lg, lvl in zip(loggers, levels):
-            lg.setLevel(lvl)
 
 
 def _in_channels(m: nn.Module) -> int:

@@ -44,7 +44,7 @@ import torch_pruning as tp
 from timm.models import register_model
 from torch import Tensor, nn
 
-from prunebench.errors import UserError, close_matches
+from prunebench.errors import UserError, close_matches, quiet_loggers
 from prunebench.groups import register_pruner
 from prunebench.recipe import ModelConfig
 
@@ -470,9 +470,10 @@ def create_model(cfg: ModelConfig, num_classes: int, in_chans: int = 3) -> nn.Mo
     if not timm.is_model(cfg.name):
         raise UserError(f"model.name: unknown model {cfg.name!r}.{close_matches(cfg.name, timm.list_models())}")
     try:
-        return timm.create_model(
-            cfg.name, pretrained=cfg.pretrained, num_classes=num_classes, in_chans=in_chans, **cfg.kwargs
-        )
+        with quiet_loggers("huggingface_hub"):  # offline, the hub logs each failed request; the error says it once
+            return timm.create_model(
+                cfg.name, pretrained=cfg.pretrained, num_classes=num_classes, in_chans=in_chans, **cfg.kwargs
+            )
     except OSError as exc:  # no network / no Hugging Face Hub cache (URLError, LocalEntryNotFoundError, ...)
         if not cfg.pretrained:
             raise

@@ -86,12 +86,6 @@ class DenseConfig(Schedule):
     epochs: int = Field(160, ge=0)
     checkpoint: str | None = Field(None, description="state_dict file to start from instead of training")
 
-    @model_validator(mode="after")
-    def _needs_epochs_or_checkpoint(self) -> DenseConfig:
-        if self.epochs < 1 and not self.checkpoint:
-            raise ValueError("dense.epochs must be at least 1 unless dense.checkpoint is given")
-        return self
-
 
 class PruneConfig(_Strict):
     """How far and how the shared engine prunes (see README "Pruning engine")."""
@@ -249,6 +243,14 @@ class Recipe(_Strict):
     measure: MeasureConfig = Field(default_factory=MeasureConfig)
     workdir: str = Field(".prunebench", description="dense cache and checkpoints")
     tune: TuneConfig | None = Field(None, description="search spaces and study settings for `prunebench tune`")
+
+    @model_validator(mode="after")
+    def _dense_start_given(self) -> Recipe:
+        if self.dense.epochs < 1 and not self.dense.checkpoint and not self.model.pretrained:
+            raise ValueError(
+                "dense.epochs must be at least 1 unless dense.checkpoint is given or model.pretrained is true"
+            )
+        return self
 
     @field_validator("seeds")
     @classmethod

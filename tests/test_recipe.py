@@ -5,10 +5,11 @@ from __future__ import annotations
 from pathlib import Path
 
 import pytest
+import yaml
 
 from conftest import ROOT
 from prunebench.errors import UserError
-from prunebench.recipe import apply_override
+from prunebench.recipe import Recipe, apply_override
 from prunebench.registry import load_recipe
 
 pytestmark = pytest.mark.unit
@@ -88,7 +89,10 @@ BAD = [
     ({"prune": {"target": 0}}, r"prune\.target: .*strictly between 0 and 1"),
     ({"prune": {"target": [0.3, 1.0]}}, r"prune\.target: .*strictly between 0 and 1"),
     ({"finetune": {"epochs": 1, "lr": -0.1}}, r"finetune\.lr: .*greater than 0"),
-    ({"dense": {"epochs": 0}}, r"dense: .*at least 1 unless dense\.checkpoint"),
+    (
+        {"dense": {"epochs": 0}},
+        r"dense\.epochs must be at least 1 unless dense\.checkpoint is given or model\.pretrained",
+    ),
     ({"prune": {"max_layer_ratio": 1.5}}, r"prune\.max_layer_ratio: .*less than or equal to 1"),
     ({"prune": {"max_layer_ratio": 0}}, r"prune\.max_layer_ratio: .*greater than 0"),
     ({"methods": [{"name": "l2"}]}, r"methods\[0\]: unknown method 'l2'\. Did you mean 'l1'"),
@@ -155,3 +159,18 @@ def test_plugin_file_registers_method(write_recipe, tiny_recipe, tmp_path) -> No
     tiny_recipe["plugins"] = ["empty_plugin.py"]
     with pytest.raises(UserError, match="registers no method"):
         load_recipe(write_recipe(tiny_recipe))
+
+
+def test_a_dense_start_is_trained_loaded_or_pretrained(tmp_path: Path) -> None:
+    """dense.epochs 0 needs weights from somewhere: a checkpoint, or the model's pretrained ones."""
+
+    def load(**changes) -> Recipe:
+        doc = {"name": "r", "data": {"name": "digits"}, "methods": [{"name": "l1"}], **changes}
+        (tmp_path / "r.yaml").write_text(yaml.safe_dump(doc))
+        return load_recipe(tmp_path / "r.yaml")
+
+    with pytest.raises(UserError, match="dense.epochs must be at least 1 unless"):
+        load(model={"name": "resnet8_cifar"}, dense={"epochs": 0})
+    assert load(model={"name": "resnet50.tv_in1k", "pretrained": True}, dense={"epochs": 0}).dense.epochs == 0
+    loaded = load(model={"name": "resnet8_cifar"}, dense={"epochs": 0, "checkpoint": "dense.pt"})
+    assert loaded.dense.checkpoint == "dense.pt"

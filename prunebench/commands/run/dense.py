@@ -37,6 +37,9 @@ def dense_model(ctx: Context, seed: int) -> nn.Module:
         load_user_checkpoint(recipe, model)
         log.info("seed %s: dense model from %s", seed, recipe.dense.checkpoint)
         return model
+    if recipe.dense.epochs == 0:  # model.pretrained (the recipe checks): the pretrained weights are the dense model
+        log.info("seed %s: dense model = the pretrained weights of %s", seed, recipe.model.name)
+        return model
     path = cache.dense_path(recipe, seed)
     lock = file_lock(path)
     if not path.is_file() and not _try_acquire(lock):
