@@ -139,6 +139,18 @@ class TrackingConfig(_Strict):
     experiment: str | None = Field(None, description="MLflow experiment; defaults to the recipe's name")
 
 
+class ExecutorConfig(_Strict):
+    """How ``prunebench run --executor ray`` runs each task (where a run runs, not what it computes: left out
+    of the recipe's dump, so it changes no cache or resume key)."""
+
+    resources: dict[str, float] | None = Field(
+        None,
+        description="Ray resources of one task, e.g. {num_cpus: 4} or {num_gpus: 1}; default one GPU on a CUDA "
+        "machine, else one CPU",
+    )
+    max_retries: int = Field(0, ge=0, description="times Ray retries a cell whose worker died")
+
+
 class TrainOptions(_Strict):
     """Execution options shared by every stage (they change speed, not the science)."""
 
@@ -149,6 +161,9 @@ class TrainOptions(_Strict):
     )
     compile: bool = Field(False, description="torch.compile the model for training")
     log_every: int = Field(50, ge=1, description="steps between progress-bar/NaN checks (host syncs)")
+    sync_batchnorm: bool = Field(
+        False, description="under torchrun on CUDA: BatchNorm statistics over the global batch (SyncBatchNorm)"
+    )
 
 
 class MeasureConfig(_Strict):
@@ -239,6 +254,7 @@ class Recipe(_Strict):
         "length, fine-tuning): the 'dense (same epochs)' row of compare",
     )
     tracking: TrackingConfig = Field(default_factory=TrackingConfig)
+    executor: ExecutorConfig = Field(default_factory=ExecutorConfig, exclude=True)
     train: TrainOptions = Field(default_factory=TrainOptions)
     measure: MeasureConfig = Field(default_factory=MeasureConfig)
     workdir: str = Field(".prunebench", description="dense cache and checkpoints")

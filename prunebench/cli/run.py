@@ -40,27 +40,48 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
         help="continue the latest run of this same recipe: skip its finished cells, continue the others "
         "from their last checkpoints in their own MLflow runs (nothing to resume: a normal run)",
     )
+    p.add_argument(
+        "--executor",
+        choices=("local", "ray"),
+        default="local",
+        help="local: every cell in this process, one after another (default); ray: the dense models, then every "
+        "cell, as Ray tasks (resources per task: the recipe's executor.resources; needs prunebench[scale])",
+    )
+    p.add_argument(
+        "--address",
+        metavar="HOST:PORT",
+        help="with --executor ray: join this running Ray cluster (the address `ray start --head` prints); "
+        "default: start a local Ray instance on this machine",
+    )
 
 
 def resume_command(args: argparse.Namespace) -> str:
     """The command line that resumes this ``prunebench run`` invocation."""
-    argv = [args.recipe, *(a for o in args.override for a in ("-o", o)), *(["-q"] if args.quiet else []), "--resume"]
+    argv = [args.recipe, *(a for o in args.override for a in ("-o", o)), *(["-q"] if args.quiet else [])]
+    if args.executor != "local":
+        argv += ["--executor", args.executor, *(["--address", args.address] if args.address else [])]
+    argv.append("--resume")
     return "prunebench run " + shlex.join(argv)
 
 
 def run(args: argparse.Namespace) -> int:
     from prunebench.commands.run import format_summary, run_recipe
+    from prunebench.errors import UserError
     from prunebench.recipe import dump_recipe
     from prunebench.registry import load_recipe
     from prunebench.signals import Interrupted, handle_signals
 
+    if args.address and args.executor != "ray":
+        raise UserError("--address names a Ray cluster; add --executor ray")
     recipe = load_recipe(args.recipe, args.override)
     if args.dry_run:
         print(dump_recipe(recipe), end="")
         return 0
     try:
         with handle_signals():
-            summary = run_recipe(recipe, quiet=args.quiet, resume=args.resume)
+            summary = run_recipe(
+                recipe, quiet=args.quiet, resume=args.resume, executor=args.executor, address=args.address
+            )
     except Interrupted as exc:
         log.warning(
             "\nprunebench: stopped by %s; unfinished cells are marked KILLED in MLflow and keep their last "

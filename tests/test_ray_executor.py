@@ -1,0 +1,135 @@
+"""``prunebench run --executor ray`` on a real local Ray instance (one per module): the same metrics per cell as
+``--executor local``, one parent run with every cell logged once, a worker that dies fails only its cell, and
+the exit-2 refusals (Ray missing, an address that does not answer)."""
+
+from __future__ import annotations
+
+import os
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+
+from prunebench.cli import main
+
+pytestmark = pytest.mark.integration
+ray = pytest.importorskip("ray", reason="needs Ray: pip install 'prunebench[scale]'")
+
+CRASH_PLUGIN = """
+import os
+from prunebench.method import PruningMethod
+from prunebench.registry import register_method
+
+
+@register_method("crash")
+class Crash(PruningMethod):
+    description = "test: the process dies while scoring channels"
+
+    def score(self, group):
+        os._exit(3)
+"""
+
+
+@pytest.fixture(scope="module")
+def ray_instance():
+    """One local Ray instance for the module; ``run --executor ray`` joins it instead of starting its own."""
+    ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False)
+    yield
+    ray.shutdown()
+
+
+@pytest.fixture
+def small_recipe(tiny_recipe: dict) -> dict:
+    tiny_recipe["methods"] = [{"name": "l1"}, {"name": "random"}]
+    tiny_recipe["measure"] = {"onnx": False, "repeats": 1, "warmup": 0, "latency_batch": 8}
+    tiny_recipe["dense_control"] = False
+    return tiny_recipe
+
+
+def _cells(uri: str) -> tuple[list, list]:
+    import mlflow
+
+    client = mlflow.MlflowClient(uri)
+    exp = client.get_experiment_by_name("tiny")
+    found = client.search_runs([exp.experiment_id])
+    parents = [r for r in found if r.data.tags.get("prunebench.kind") == "parent"]
+    return parents, [r for r in found if r.data.tags.get("prunebench.kind") == "cell"]
+
+
+def _figures(run) -> dict[str, float]:
+    return {k: v for k, v in run.data.metrics.items() if "latency" not in k and "speedup" not in k}
+
+
+def test_ray_grid_equals_local(ray_instance, write_recipe, small_recipe, tmp_path, one_thread) -> None:
+    """Each executor from a fresh dense cache: Ray trains the dense model in a task, then runs each cell in a
+    worker with one torch thread (its one CPU); the local loop runs here with one thread too."""
+    by_executor = {}
+    for executor in ("local", "ray"):
+        small_recipe["workdir"] = str(tmp_path / f"work-{executor}")
+        uri = f"sqlite:///{tmp_path}/{executor}.db"
+        small_recipe["tracking"] = {"uri": uri}
+        path = write_recipe(small_recipe, f"{executor}.yaml")
+        assert main(["run", str(path), "-q", "--executor", executor]) == 0
+        parents, cells = _cells(uri)
+        assert len(parents) == 1
+        assert sorted(c.data.params["method_label"] for c in cells) == ["l1", "random"]  # every cell once
+        for cell in cells:
+            assert cell.info.status == "FINISHED"
+            assert cell.data.tags["mlflow.parentRunId"] == parents[0].info.run_id
+        assert parents[0].info.status == "FINISHED"
+        by_executor[executor] = {c.data.params["method_label"]: _figures(c) for c in cells}
+    assert by_executor["ray"] == by_executor["local"]
+    assert {"test_top1", "val_top1", "macs", "train_loss"} <= set(by_executor["ray"]["l1"])
+    assert torch.get_num_threads() == 1  # the driver's own threads were left alone
+
+
+def test_a_dead_worker_fails_only_its_cell(ray_instance, write_recipe, small_recipe, tmp_path, capsys) -> None:
+    (tmp_path / "crash.py").write_text(CRASH_PLUGIN)
+    small_recipe["plugins"] = ["crash.py"]
+    small_recipe["methods"] = [{"name": "crash"}, {"name": "l1"}]
+    path = str(write_recipe(small_recipe))
+    assert main(["run", path, "-q", "--executor", "ray"]) == 1
+    parents, cells = _cells(f"sqlite:///{Path.cwd()}/mlflow.db")
+    status = {c.data.params["method_label"]: c for c in cells}
+    assert status["l1"].info.status == "FINISHED"
+    assert status["crash"].info.status == "FAILED"  # left RUNNING by the dead worker, ended by the driver
+    assert "died" in status["crash"].data.tags["prunebench.error"]
+    assert len(parents) == 1 and parents[0].info.status == "FINISHED"
+    assert "--executor ray --resume" in capsys.readouterr().err
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.mark.parametrize(
+    "prelude,args,needle",
+    [
+        ("pass", ["--address", f"127.0.0.1:{_free_port()}"], "no Ray cluster answers there"),
+        ("sys.modules['ray'] = None", [], "pip install 'prunebench[scale]'"),  # as if Ray were not installed
+        ("pass", ["--address", "127.0.0.1:1"], "add --executor ray"),
+    ],
+)
+def test_ray_refusals_exit_2_in_seconds(write_recipe, small_recipe, prelude, args, needle) -> None:
+    path = str(write_recipe(small_recipe))
+    executor = [] if "add --executor" in needle else ["--executor", "ray"]
+    code = f"import sys; {prelude}; from prunebench.cli import main; sys.exit(main(sys.argv[1:]))"
+    t0 = time.monotonic()
+    proc = subprocess.run(
+        [sys.executable, "-c", code, "run", path, *executor, *args],
+        capture_output=True,
+        text=True,
+        timeout=120,
+        env={**os.environ, "PYTHONWARNINGS": "ignore"},
+    )
+    assert proc.returncode == 2, proc.stderr
+    assert needle in proc.stderr
+    assert len(proc.stderr.strip().splitlines()) == 1, proc.stderr
+    assert time.monotonic() - t0 < 60
+    assert not Path("mlflow.db").exists()  # refused before any run
