@@ -161,6 +161,9 @@ class TrainOptions(_Strict):
     )
     compile: bool = Field(False, description="torch.compile the model for training")
     log_every: int = Field(50, ge=1, description="steps between progress-bar/NaN checks (host syncs)")
+    sync_batchnorm: bool = Field(
+        False, description="under torchrun on CUDA: BatchNorm statistics over the global batch (SyncBatchNorm)"
+    )
 
 
 class MeasureConfig(_Strict):

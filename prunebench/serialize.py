@@ -47,6 +47,13 @@ def load_pruned(path: str | Path, dense_model: nn.Module) -> nn.Module:
         raise UserError(
             f"{path} is not a pruned model saved by prunebench (no {FORMAT!r} payload); pass a file written by save_pruned"
         )
+    return apply_pruned(payload, dense_model)
+
+
+def apply_pruned(payload: dict[str, Any], dense_model: nn.Module) -> nn.Module:
+    """Reshape ``dense_model`` into the model :func:`pruned_payload` described and load its weights, in place
+    (what :func:`load_pruned` does with a file; the other ranks of a ``torchrun`` launch take rank 0's cut
+    this way). Returns ``dense_model``."""
     modules = dict(dense_model.named_modules())
     for name, attrs in payload["attributes"].items():
         if name in modules:

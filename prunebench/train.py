@@ -27,6 +27,7 @@ import torch
 from torch import Tensor, nn
 from tqdm.auto import tqdm
 
+from prunebench import distributed
 from prunebench.errors import DivergedError
 from prunebench.method import PruningMethod
 from prunebench.recipe import Schedule, TrainOptions
@@ -146,14 +147,50 @@ def train(
     """
     opts = opts or TrainOptions()
     optimizer = optimizer or make_optimizer(model, sched)
-    loss_fn = nn.CrossEntropyLoss(label_smoothing=sched.label_smoothing)
-    step_model: Callable[..., Tensor] = model
-    if opts.compile:
-        step_model = torch.compile(model)  # type: ignore[assignment]
     history: list[EpochStats] = []
+    with distributed.sync_batchnorm(model, opts.sync_batchnorm):
+        # under torchrun: DDP for the loop only; hooks, optimizer and regularizers keep the module itself
+        step_model: Callable[..., Tensor] = distributed.wrap(model)
+        if opts.compile:
+            step_model = torch.compile(step_model)  # type: ignore[assignment]
+        _epochs(
+            model,
+            step_model,
+            batches_for_epoch,
+            sched,
+            method,
+            opts,
+            desc,
+            quiet,
+            start_epoch,
+            optimizer,
+            history,
+            val_fn,
+            on_epoch_end,
+        )
+    return history
+
+
+def _epochs(
+    model: nn.Module,
+    step_model: Callable[..., Tensor],
+    batches_for_epoch: Callable[[int], Iterable[tuple[Tensor, Tensor]]],
+    sched: Schedule,
+    method: PruningMethod | None,
+    opts: TrainOptions,
+    desc: str,
+    quiet: bool,
+    start_epoch: int,
+    optimizer: torch.optim.Optimizer,
+    history: list[EpochStats],
+    val_fn: Callable[[nn.Module], float] | None,
+    on_epoch_end: Callable[[EpochStats, torch.optim.Optimizer], None] | None,
+) -> None:
+    """The epochs of :func:`train` (``step_model``: ``model``, or its DDP wrapper / compiled form)."""
+    loss_fn = nn.CrossEntropyLoss(label_smoothing=sched.label_smoothing)
     for epoch in range(start_epoch, sched.epochs):
         model.train()
-        batches = batches_for_epoch(epoch)
+        batches = distributed.shard(batches_for_epoch(epoch))  # this rank's share (all of it alone)
         n_steps = len(batches)  # type: ignore[arg-type]
         bar = tqdm(
             batches,
@@ -166,6 +203,7 @@ def train(
         )
         loss_sum = penalty_sum = correct = None
         seen = 0
+        sums = (0.0, 0.0, 0.0, 0.0)  # loss, penalty, correct, images: over every rank, at the last read
         t0 = time.perf_counter()
         lr = sched.lr
         for i, (x, y) in enumerate(bar):
@@ -196,14 +234,15 @@ def train(
             correct = batch_correct if correct is None else correct + batch_correct
             seen += y.numel()
             if (i + 1) % opts.log_every == 0 or i + 1 == n_steps:
-                mean_loss = float(loss_sum) / seen  # the one host sync every log_every steps
-                if not math.isfinite(mean_loss) or not math.isfinite(float(penalty_sum)):
+                sums = _global_sums(loss_sum, penalty_sum, correct, seen)  # the one host sync every log_every steps
+                mean_loss = sums[0] / sums[3]
+                if not math.isfinite(mean_loss) or not math.isfinite(sums[1]):
                     raise DivergedError(f"{desc}: loss became {mean_loss} at epoch {epoch + 1}, step {i + 1}")
                 if not quiet:
                     bar.set_postfix(
                         loss=f"{mean_loss:.3f}",
-                        acc=f"{float(correct) / seen:.3f}",
-                        img_s=f"{seen / (time.perf_counter() - t0):.0f}",
+                        acc=f"{sums[2] / sums[3]:.3f}",
+                        img_s=f"{sums[3] / (time.perf_counter() - t0):.0f}",
                         refresh=False,
                     )
         bar.close()
@@ -212,12 +251,13 @@ def train(
         elapsed = time.perf_counter() - t0
         stats = EpochStats(
             epoch=epoch,
-            train_loss=float(loss_sum) / seen,
-            train_penalty=float(penalty_sum) / seen,
-            train_top1=float(correct) / seen,
+            train_loss=sums[0] / sums[3],
+            train_penalty=sums[1] / sums[3],
+            train_top1=sums[2] / sums[3],
             lr=lr,
-            images_per_s=seen / elapsed,
+            images_per_s=sums[3] / elapsed,
         )
+        distributed.broadcast_buffers(model)  # every rank evaluates, prunes and saves rank 0's statistics
         if method is not None:
             method.on_epoch_end(epoch)
         if val_fn is not None:
@@ -225,4 +265,22 @@ def train(
         history.append(stats)
         if on_epoch_end is not None:
             on_epoch_end(stats, optimizer)
-    return history
+
+
+def _global_sums(
+    loss_sum: Tensor, penalty_sum: Tensor, correct: Tensor, seen: int
+) -> tuple[float, float, float, float]:
+    """(loss, penalty, correct, images) summed so far: this process's, or every rank's under ``torchrun`` (so
+    every rank sees the same figures and stops together on a divergence)."""
+    if not distributed.active():
+        return float(loss_sum), float(penalty_sum), float(correct), float(seen)
+    local = torch.stack(
+        [
+            loss_sum.double(),
+            penalty_sum.double(),
+            correct.double(),
+            torch.tensor(seen, dtype=torch.float64, device=loss_sum.device),
+        ]
+    )
+    total = distributed.all_reduce_sum(local).tolist()
+    return total[0], total[1], total[2], total[3]

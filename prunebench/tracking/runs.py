@@ -4,7 +4,9 @@ the commands make inside a run. Names come from :mod:`prunebench.tracking.schema
 
 Every run ends FINISHED, KILLED (an interrupt, or what the caller classifies as stopped, e.g. a pruned
 trial) or FAILED (error tags and a ``traceback.txt`` artifact first). Only rank 0 of a distributed job
-calls into this module. Every call is retried while SQLite is busy (:func:`prunebench.tracking.store.retry`).
+calls into MLflow: on the other ranks of a ``torchrun`` launch (:mod:`prunebench.distributed`) the runs are
+placeholders carrying rank 0's run ids, the look-ups return rank 0's answers and the logging calls do nothing,
+so every rank walks the same grid. Every call is retried while SQLite is busy (:func:`prunebench.tracking.store.retry`).
 """
 
 from __future__ import annotations
@@ -20,11 +22,13 @@ from collections.abc import Callable, Iterator, Mapping
 from contextlib import contextmanager
 from importlib.metadata import PackageNotFoundError, version
 from pathlib import Path
+from types import SimpleNamespace
 from typing import Any
 
 import mlflow
 from mlflow.entities import Run
 
+from prunebench import distributed
 from prunebench.errors import DivergedError, UserError
 from prunebench.tracking.schema import (
     CELL_KEY_TAG,
@@ -79,12 +83,17 @@ def tracked_run(
     """Start (or reopen, with ``run_id``) a run; end it FINISHED when the block returns.
 
     An exception ends it KILLED when it is a KeyboardInterrupt (SIGINT/SIGTERM) or ``stopped(exc)`` says
-    so (the caller tags why), else FAILED after :func:`record_failure`; the exception propagates.
+    so (the caller tags why), else FAILED after :func:`record_failure`; the exception propagates. On a rank
+    other than 0 of a ``torchrun`` launch: a placeholder with rank 0's run id, nothing written.
     """
+    if not distributed.is_main():
+        yield _placeholder(distributed.broadcast_object(None))
+        return
     if run_id is None:
         run = retry(mlflow.start_run, run_name=run_name, nested=nested)
     else:
         run = retry(mlflow.start_run, run_id=run_id, nested=nested)
+    distributed.broadcast_object(run.info.run_id)  # the other ranks' placeholders carry the same id
     try:
         yield run
     except BaseException as exc:
@@ -99,6 +108,13 @@ def tracked_run(
         raise
     else:
         _end(run.info.run_id, "FINISHED")
+
+
+def _placeholder(run_id: str) -> Any:
+    """What a rank other than 0 holds for a run that rank 0 opened: its id, no data."""
+    return SimpleNamespace(
+        info=SimpleNamespace(run_id=run_id, status="RUNNING"), data=SimpleNamespace(tags={}, params={}, metrics={})
+    )
 
 
 def _end(run_id: str, status: str) -> None:
@@ -147,7 +163,9 @@ def cell_run(
     Exceptions mark it FAILED (KILLED for an interrupt) and propagate.
     """
     with tracked_run(run_name, run_id=run_id, nested=True) as run:
-        if run_id is None:
+        if not distributed.is_main():
+            pass
+        elif run_id is None:
             set_tags({KIND_TAG: kind, RECIPE_TAG: recipe_name, CELL_KEY_TAG: cell_key})
             retry(mlflow.log_params, {k: _param(v) for k, v in params.items()})
         else:  # a retried cell: the previous attempt's error no longer applies
@@ -159,7 +177,12 @@ def cell_run(
 
 
 def find_parent(experiment: str, recipe_key: str) -> Any | None:
-    """The latest parent run of ``experiment`` made from the same resolved recipe, or ``None``."""
+    """The latest parent run of ``experiment`` made from the same resolved recipe, or ``None`` (rank 0's answer
+    on every rank of a ``torchrun`` launch)."""
+    return distributed.broadcast_object(_find_parent(experiment, recipe_key) if distributed.is_main() else None)
+
+
+def _find_parent(experiment: str, recipe_key: str) -> Any | None:
     exp = retry(mlflow.get_experiment_by_name, experiment)
     if exp is None:
         return None
@@ -174,7 +197,12 @@ def find_parent(experiment: str, recipe_key: str) -> Any | None:
 
 
 def cell_runs(parent: Any) -> dict[str, Any]:
-    """The child runs of ``parent`` by cell key (a FINISHED one wins over other attempts, then the latest)."""
+    """The child runs of ``parent`` by cell key (a FINISHED one wins over other attempts, then the latest);
+    rank 0's answer on every rank of a ``torchrun`` launch."""
+    return distributed.broadcast_object(_cell_runs(parent) if distributed.is_main() else None)
+
+
+def _cell_runs(parent: Any) -> dict[str, Any]:
     client = mlflow.MlflowClient()
     found: list[Any] = []
     token = None
@@ -204,23 +232,33 @@ def _param(v: Any) -> str:
 
 
 def log_epoch(metrics: Mapping[str, float | None], step: int) -> None:
+    if not distributed.is_main():
+        return
     retry(mlflow.log_metrics, {k: float(v) for k, v in metrics.items() if v is not None and v == v}, step=step)
 
 
 def log_final(metrics: Mapping[str, float | None], step: int = 0) -> None:
     """Final metrics of a cell; ``step`` is its last epoch (keeps per-epoch histories in order)."""
+    if not distributed.is_main():
+        return
     retry(mlflow.log_metrics, {k: float(v) for k, v in metrics.items() if v is not None}, step=max(step, 0))
 
 
 def set_tags(tags: Mapping[str, str]) -> None:
+    if not distributed.is_main():
+        return
     retry(mlflow.set_tags, dict(tags))
 
 
 def log_text(text: str, artifact_file: str) -> None:
+    if not distributed.is_main():
+        return
     retry(mlflow.log_text, text, artifact_file)
 
 
 def log_file(path: str | Path, artifact_path: str | None = None) -> None:
+    if not distributed.is_main():
+        return
     retry(mlflow.log_artifact, str(path), artifact_path)
 
 

@@ -34,6 +34,8 @@ KINDS = (PARENT_KIND, CELL_KIND, CONTROL_KIND, STUDY_KIND, TRIAL_KIND)
 # -- params of a cell (and of a control) ----------------------------------------------------------------
 CELL_PARAMS = ("method", "method_label", "seed", "target", "model", "dataset")
 METHOD_PARAM_PREFIX = "method."  # method.<name> for each of the method's parameters
+WORLD_SIZE_PARAM = "world_size"  # processes training the cell (torchrun's WORLD_SIZE; 1 without it)
+GLOBAL_BATCH_PARAM = "global_batch"  # images per optimizer step: data.batch_size x world_size
 
 # -- metrics ----------------------------------------------------------------------------------------------
 FINAL_METRICS = (

@@ -23,6 +23,7 @@ from mlflow.entities import Experiment
 from mlflow.tracking import MlflowClient
 from sqlalchemy.engine import make_url
 
+from prunebench import distributed
 from prunebench.errors import UserError, one_line
 from prunebench.files import sqlite_lock
 from prunebench.tracking.schema import DEFAULT_URI, EXPERIMENT_KIND, EXPERIMENT_KIND_TAG
@@ -172,9 +173,12 @@ def check_uri(uri: str | None) -> str:
 
 def connect(uri: str | None, experiment: str) -> str:
     """Point MLflow at ``uri`` and select ``experiment`` (created if new, and tagged as model training by
-    :func:`mark_experiment`); fail *before* any training if unreachable."""
+    :func:`mark_experiment`); fail *before* any training if unreachable. Only rank 0 of a ``torchrun`` launch
+    connects (the others never call into MLflow: :mod:`prunebench.tracking.runs`)."""
     quiet_mlflow()
     uri = check_uri(uri)
+    if not distributed.is_main():
+        return uri
     if uri.startswith(("http://", "https://")):
         probe(uri)
     mlflow.set_tracking_uri(uri)

@@ -13,7 +13,7 @@ from typing import Any
 
 from torch import nn
 
-from prunebench import cache
+from prunebench import cache, distributed
 from prunebench.commands.run.context import Context
 from prunebench.commands.run.dense import DenseStart
 from prunebench.commands.run.latency import measure_speed
@@ -62,6 +62,8 @@ def run_cell(
     model, stages = train_and_prune(
         ctx, dense, dense_metrics["macs_dense"], spec, seed, target, on_epoch=on_epoch, checkpoints=checkpoints
     )
+    if not distributed.is_main():  # rank 0 measures, logs and saves; the others go on to the next cell
+        return dict(diagnostics)
     runs.set_tags({schema.STAGES_TAG: json.dumps(stages)})
 
     report = count_macs(model, ctx.example)
@@ -122,6 +124,8 @@ def run_control(
     model, stages = train_and_prune(
         ctx, dense, dense_metrics["macs_dense"], CONTROL, seed, 0.0, on_epoch=_log_epoch, checkpoints=checkpoints
     )
+    if not distributed.is_main():
+        return {}
     runs.set_tags({schema.STAGES_TAG: json.dumps(stages)})
     metrics = {
         "test_top1": evaluate(model, ctx.data.eval_batches("test"), ctx.recipe.train),
@@ -135,6 +139,11 @@ def run_control(
     }
     runs.log_final(metrics, step=_last_step(stages))
     return {k: v for k, v in metrics.items() if v is not None}
+
+
+def _launch_params(ctx: Context) -> dict[str, Any]:
+    """How many processes train the cell and the images per optimizer step (``torchrun``: docs/tracking.md)."""
+    return {schema.WORLD_SIZE_PARAM: distributed.world_size(), schema.GLOBAL_BATCH_PARAM: ctx.global_batch}
 
 
 def _cell_params(recipe: Recipe, spec: dict[str, Any], seed: int, target: float) -> dict[str, Any]:
@@ -173,6 +182,7 @@ def run_isolated(
     cell = CellResult(label(spec), seed, target, earlier.info.run_id if earlier is not None else "", control=control)
     checkpoints: CellCheckpoints | None = None
     params = _control_params(recipe, seed) if control else _cell_params(recipe, spec, seed, target)
+    params.update(_launch_params(ctx))
     name = f"dense_control-s{seed}" if control else f"{cell.method}-s{seed}-t{target}"
     try:
         with runs.cell_run(
@@ -195,4 +205,6 @@ def run_isolated(
         log.info("  %s: FAILED (%s)", cell.describe(), cell.error)
     else:
         checkpoints.clear()  # type: ignore[union-attr]
+    if distributed.world_size() > 1:  # rank 0 measured and logged: its result is every rank's summary
+        cell.status, cell.error, cell.metrics = distributed.broadcast_object((cell.status, cell.error, cell.metrics))
     return cell

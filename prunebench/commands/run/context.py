@@ -12,7 +12,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from prunebench import cache
+from prunebench import cache, distributed
 from prunebench.budget import describe_device, resolve_round_to
 from prunebench.data import DataModule, load_data
 from prunebench.errors import UserError, one_line
@@ -33,7 +33,8 @@ log = logging.getLogger(__name__)
 class Context:
     """What every cell of an invocation shares: the recipe, device, data and a few measurements.
 
-    ``quiet``: no progress bars (messages go through :mod:`logging`; the CLI's ``-q`` raises its level).
+    ``quiet``: no progress bars (messages go through :mod:`logging`; the CLI's ``-q`` raises its level); always
+    on for the ranks other than 0 of a ``torchrun`` launch, which join the process group here.
     ``resume``: continue an interrupted dense training from its checkpoint (cells resume by run id).
     ``reach``: the largest MACs reduction of each scope, once :func:`preflight` measured it; from then on
     ``recipe.prune.scope`` is the resolved scope (never ``auto``), the one every cell uses.
@@ -41,9 +42,11 @@ class Context:
 
     def __init__(self, recipe: Recipe, quiet: bool, *, resume: bool = False) -> None:
         self.recipe = recipe
-        self.quiet = quiet
         self.resume = resume
-        self.device = resolve_device(recipe.train.device)
+        device = resolve_device(recipe.train.device)
+        distributed.check_launch(recipe.train.sync_batchnorm, device)  # before joining: every rank refuses alike
+        self.device = distributed.init(device)  # under torchrun: this rank's device, the process group joined
+        self.quiet = quiet or not distributed.is_main()
         self.data: DataModule = load_data(recipe.data, self.device)
         self.example = torch.zeros(
             1, self.data.in_chans, self.data.image_size, self.data.image_size, device=self.device
@@ -53,8 +56,15 @@ class Context:
 
     @property
     def steps_per_epoch(self) -> int:
-        """Optimizer steps in one training epoch of this recipe's data."""
-        return steps_per_epoch(self.data.split_sizes()["train"], self.recipe.data.batch_size)
+        """Optimizer steps in one training epoch of this recipe's data (per rank under ``torchrun``:
+        :func:`prunebench.distributed.shard`)."""
+        batches = steps_per_epoch(self.data.split_sizes()["train"], self.recipe.data.batch_size)
+        return -(-batches // distributed.world_size())
+
+    @property
+    def global_batch(self) -> int:
+        """Images per optimizer step: ``data.batch_size`` on each of the ``world_size`` processes."""
+        return self.recipe.data.batch_size * distributed.world_size()
 
     def new_model(self) -> nn.Module:
         model = create_model(self.recipe.model, num_classes=self.data.num_classes, in_chans=self.data.in_chans)

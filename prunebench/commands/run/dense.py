@@ -5,6 +5,7 @@ makes concurrent runs train it once). A corrupt cache file is moved aside and th
 
 from __future__ import annotations
 
+import contextlib
 import logging
 from dataclasses import dataclass
 from pathlib import Path
@@ -14,7 +15,7 @@ import torch
 from filelock import Timeout
 from torch import nn
 
-from prunebench import cache
+from prunebench import cache, distributed
 from prunebench.cache import TrainingCheckpoint
 from prunebench.commands.run.context import Context, load_user_checkpoint
 from prunebench.errors import DivergedError, UserError, one_line
@@ -29,6 +30,8 @@ def dense_model(ctx: Context, seed: int) -> nn.Module:
     """The dense start of ``seed``: a user checkpoint, the cache, or trained now (then cached).
 
     Training checkpoints every epoch (``<cache>.partial.pt``); with ``ctx.resume`` it continues from there.
+    Under ``torchrun`` rank 0 alone takes the lock, reads and writes the files: the other ranks get its
+    decision and, for a cached model, its weights; trained, every rank trains its shard.
     """
     recipe = ctx.recipe
     seed_everything(seed)  # the initial weights are part of what the seed determines
@@ -41,12 +44,28 @@ def dense_model(ctx: Context, seed: int) -> nn.Module:
         log.info("seed %s: dense model = the pretrained weights of %s", seed, recipe.model.name)
         return model
     path = cache.dense_path(recipe, seed)
+    if distributed.world_size() > 1:
+        return _dense_model_ranks(ctx, model, seed, path)
     lock = file_lock(path)
     if not path.is_file() and not _try_acquire(lock):
         log.info("seed %s: another process is training this dense model; waiting to reuse it", seed)
     with lock:  # a concurrent run waits here, then reuses the file
         if (payload := load_cached(path)) is not None:  # a corrupt file is moved aside and trained again
             model.load_state_dict(payload["state_dict"])
+            log.info("seed %s: dense model from cache %s", seed, path)
+            return model
+        _train_dense(ctx, model, seed, path)
+    return model
+
+
+def _dense_model_ranks(ctx: Context, model: nn.Module, seed: int, path: Path) -> nn.Module:
+    """:func:`dense_model` under ``torchrun``: rank 0 holds the lock while the ranks train together."""
+    lock = file_lock(path) if distributed.is_main() else contextlib.nullcontext()
+    with lock:
+        payload = load_cached(path) if distributed.is_main() else None
+        state = distributed.broadcast_object(payload["state_dict"] if payload is not None else None)
+        if state is not None:
+            model.load_state_dict(state)
             log.info("seed %s: dense model from cache %s", seed, path)
             return model
         _train_dense(ctx, model, seed, path)
@@ -66,9 +85,10 @@ def _train_dense(ctx: Context, model: nn.Module, seed: int, path: Path) -> None:
     """Train the dense model of ``seed`` (continuing from its partial checkpoint on resume), then cache it."""
     recipe = ctx.recipe
     key, partial = cache.dense_key(recipe, seed), cache.dense_partial_path(recipe, seed)
-    start = TrainingCheckpoint.read(partial) if ctx.resume else None
+    start = TrainingCheckpoint.read(partial) if ctx.resume and distributed.is_main() else None
     if start is not None and (start.kind != "dense" or start.key != key):
         start = None
+    start = distributed.broadcast_object(start)  # rank 0's decision; every rank reads the weights (shared workdir)
     optimizer = None
     if start is not None:
         prepare_model(start.load_model(partial, model), ctx.device, recipe.train)
@@ -80,6 +100,8 @@ def _train_dense(ctx: Context, model: nn.Module, seed: int, path: Path) -> None:
         log.info("seed %s: training the dense model (%s epochs, cached as %s)", seed, recipe.dense.epochs, path)
 
     def epoch_end(stats: EpochStats, opt: torch.optim.Optimizer) -> None:
+        if not distributed.is_main():
+            return
         TrainingCheckpoint("dense", key, 0, "dense", stats.epoch, stats.epoch + 1, optimizer=opt.state_dict()).save(
             model, partial
         )
@@ -100,8 +122,9 @@ def _train_dense(ctx: Context, model: nn.Module, seed: int, path: Path) -> None:
         raise UserError(
             f"dense training of seed {seed} diverged ({one_line(exc)}); lower dense.lr or add dense.warmup_epochs"
         ) from exc
-    atomic_save({"state_dict": model.state_dict(), "key": key}, path)
-    partial.unlink(missing_ok=True)
+    if distributed.is_main():
+        atomic_save({"state_dict": model.state_dict(), "key": key}, path)
+        partial.unlink(missing_ok=True)
 
 
 @dataclass

@@ -17,7 +17,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from prunebench import cache
+from prunebench import cache, distributed
 from prunebench.cache import TrainingCheckpoint
 from prunebench.commands.run.context import Context
 from prunebench.engine import prune_to_target
@@ -25,6 +25,7 @@ from prunebench.groups import PrunableGroup, build_groups
 from prunebench.method import Calibration, PruningMethod
 from prunebench.recipe import Recipe, Schedule, method_label
 from prunebench.registry import build_method
+from prunebench.serialize import apply_pruned, pruned_payload
 from prunebench.signals import signals_held
 from prunebench.sparsity import SparsityMonitor
 from prunebench.train import EpochStats, make_optimizer, prepare_model, seed_everything, train
@@ -75,14 +76,16 @@ def cell_phases(recipe: Recipe, method: PruningMethod, *, prune: bool = True) ->
 @dataclass
 class CellCheckpoints:
     """Where one cell checkpoints (``path``), and for which cell and MLflow run: a checkpoint is resumed
-    only by the run that wrote it."""
+    only by the run that wrote it. Under ``torchrun`` rank 0 alone reads (and tells the others), writes and
+    clears the checkpoint; every rank loads the weights from the same (shared) workdir."""
 
     path: Path
     key: str
     run_id: str | None = None
 
     def latest(self) -> TrainingCheckpoint | None:
-        ck = TrainingCheckpoint.read(self.path)
+        ck = TrainingCheckpoint.read(self.path) if distributed.is_main() else None
+        ck = distributed.broadcast_object(ck)
         return ck if ck is not None and ck.kind == "cell" and ck.key == self.key and ck.run_id == self.run_id else None
 
     def save(
@@ -94,6 +97,8 @@ class CellCheckpoints:
         step: int,
         optimizer: torch.optim.Optimizer | None = None,
     ) -> None:
+        if not distributed.is_main():
+            return
         TrainingCheckpoint(
             "cell",
             self.key,
@@ -106,6 +111,8 @@ class CellCheckpoints:
         ).save(model, self.path)
 
     def clear(self) -> None:
+        if not distributed.is_main():
+            return
         shutil.rmtree(self.path.parent, ignore_errors=True)
 
 
@@ -288,9 +295,19 @@ def _prune_step(
     where: str,
     widths: dict[str, int],
 ) -> None:
-    """Pruning step ``j`` of ``k``: to ``target * j / k`` of the dense MACs (targets stay relative to dense)."""
+    """Pruning step ``j`` of ``k``: to ``target * j / k`` of the dense MACs (targets stay relative to dense).
+
+    Under ``torchrun`` rank 0 plans and cuts; the other ranks take its pruned model (shapes and weights) and
+    attach ``method`` to the new groups, as the engine does after a cut.
+    """
     prune = ctx.recipe.prune
     k = prune.iterations
+    if not distributed.is_main():
+        apply_pruned(distributed.broadcast_object(None), model)
+        _, fresh = build_groups(model, ctx.example, scope=prune.scope, ignored_layers=prune.ignored_layers)
+        method.attach(model, fresh)
+        prepare_model(model, ctx.device, ctx.recipe.train)
+        return
     result = prune_to_target(
         model,
         method,
@@ -304,5 +321,7 @@ def _prune_step(
         round_to=prune.round_to,
         dense_widths=widths,
     )
+    if distributed.world_size() > 1:
+        distributed.broadcast_object(pruned_payload(model))  # every rank cuts the same channels
     prepare_model(model, ctx.device, ctx.recipe.train)  # the cut layers' new weights are contiguous again
     log.info("  %s: pruned step %s/%s -> %.3f fewer MACs (%.1f s)", where, j, k, result.macs_reduction, result.seconds)
