@@ -39,12 +39,20 @@ class Batches(Iterable[Batch]):
     """A re-iterable stream of ``(images, labels)`` batches with a known length.
 
     Progress bars and per-step schedules need ``len()`` before the first batch; a plain generator has
-    none. Iterating twice gives the same batches (the randomness was drawn when it was made).
+    none. Iterating twice gives the same batches (the randomness was drawn when it was made). ``select``,
+    when given, makes the stream of only the batches at some positions without making the others (a
+    ``torchrun`` rank's shard: :func:`prunebench.distributed.shard`).
     """
 
-    def __init__(self, length: int, make_iter: Callable[[], Iterator[Batch]]) -> None:
+    def __init__(
+        self,
+        length: int,
+        make_iter: Callable[[], Iterator[Batch]],
+        select: Callable[[Sequence[int]], Batches] | None = None,
+    ) -> None:
         self._length = length
         self._make_iter = make_iter
+        self.select = select
 
     def __len__(self) -> int:
         return self._length
@@ -286,15 +294,17 @@ class DataModule:
         crops = None if crops is None else (crops[0].to(self.device), crops[1].to(self.device))
         images, labels = self.train.images, self.train.labels
 
-        def batches() -> Iterator[Batch]:
-            for start in range(0, len(perm), bs):
-                idx = perm[start : start + bs]
-                x = images[idx]
-                if crops is not None:
-                    x = crop_flip(x, crops[0][start : start + bs], crops[1][start : start + bs])
-                yield self.normalize(x), labels[idx]
+        def batch(start: int) -> Batch:
+            idx = perm[start : start + bs]
+            x = images[idx]
+            if crops is not None:
+                x = crop_flip(x, crops[0][start : start + bs], crops[1][start : start + bs])
+            return self.normalize(x), labels[idx]
 
-        return Batches(math.ceil(len(perm) / bs), batches)
+        def select(positions: Sequence[int]) -> Batches:
+            return Batches(len(positions), lambda: (batch(p * bs) for p in positions))
+
+        return Batches(math.ceil(len(perm) / bs), lambda: (batch(start) for start in range(0, len(perm), bs)), select)
 
     def _eval_stream(self, split: Split, bs: int) -> Batches:
         part: TensorSplit = getattr(self, split)

@@ -16,6 +16,7 @@ import math
 import os
 from collections.abc import Iterator
 from contextlib import contextmanager
+from pathlib import Path
 from typing import TypeVar
 
 import torch
@@ -25,8 +26,16 @@ from torch.nn.parallel import DistributedDataParallel
 
 from prunebench.datamodule import Batch, Batches
 from prunebench.errors import UserError
+from prunebench.serialize import apply_pruned, load_pruned, pruned_payload
 
 T = TypeVar("T")
+
+
+class RankFailed(UserError):
+    """A cell failed on one rank of a ``torchrun`` job: the job stops (exit 1, one line, no traceback), since
+    the other ranks may be waiting for it in a collective; ``--resume`` continues from the last checkpoint."""
+
+    exit_code = 1
 
 
 def launched() -> bool:
@@ -129,6 +138,8 @@ def shard(batches: Batches) -> Batches:
     n = len(batches)
     check_batch(n)
     positions = shard_positions(n, rank(), ws)
+    if batches.select is not None:  # the data module makes only this rank's batches
+        return batches.select(positions)
     wrapped = set(positions[n // ws + (rank() < n % ws) :])  # the epoch's first batches, again
 
     def mine() -> Iterator[Batch]:
@@ -157,6 +168,15 @@ def wrap(model: nn.Module) -> nn.Module:
         return model
     device_ids = [torch.cuda.current_device()] if next(model.parameters()).is_cuda else None
     return DistributedDataParallel(model, device_ids=device_ids)
+
+
+def load_checkpointed(path: Path, fresh: nn.Module) -> nn.Module:
+    """:func:`prunebench.serialize.load_pruned` of ``path`` on rank 0; the other ranks take rank 0's model, so
+    they need no copy of the file (machines of a ``--nnodes`` launch share no workdir). ``fresh``, in place."""
+    if not active():
+        return load_pruned(path, fresh)
+    payload = broadcast_object(pruned_payload(load_pruned(path, fresh)) if is_main() else None)
+    return fresh if is_main() else apply_pruned(payload, fresh)
 
 
 def check_launch(sync_batchnorm: bool, device: torch.device) -> None:

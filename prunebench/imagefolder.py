@@ -86,12 +86,23 @@ class ImageFolderData(DataModule):
         self.train_plain = train_plain  # the train subset with the evaluation transform
         self.workers = workers
 
-    def _loader(self, dataset: Any, bs: int, order: Sequence[Any] | None = None) -> Any:
-        """Batches of ``dataset[key]`` for the keys in ``order`` (default: in order).
+    def _loader(
+        self, dataset: Any, bs: int, order: Sequence[Any] | None = None, batches: Sequence[Any] | None = None
+    ) -> Any:
+        """Batches of ``dataset[key]`` for the keys in ``order`` (default: in order), or the given ``batches``
+        of keys.
 
         The DataLoader draws a worker base seed per iteration: from a fresh generator of its own here,
         not from torch's global RNG (nothing random runs in the workers anyway).
         """
+        if batches is not None:
+            return DataLoader(
+                dataset,
+                batch_sampler=batches,
+                num_workers=self.workers,
+                generator=torch.Generator(),
+                pin_memory=self.device.type == "cuda",
+            )
         return DataLoader(
             dataset,
             batch_size=bs,
@@ -119,7 +130,15 @@ class ImageFolderData(DataModule):
             dataset, keys = SeededCrops(self.train, self.image_size), list(zip(order, seeds))
         else:
             dataset, keys = self.train_plain, order
-        return self._on_device(self._loader(dataset, batch_size or self.batch_size, keys))
+        bs = batch_size or self.batch_size
+
+        def select(positions: Sequence[int]) -> Batches:  # a torchrun rank's batches: only those are read
+            chunks = [keys[p * bs : (p + 1) * bs] for p in positions]
+            return self._on_device(self._loader(dataset, bs, batches=chunks))
+
+        stream = self._on_device(self._loader(dataset, bs, keys))
+        stream.select = select
+        return stream
 
     def _eval_stream(self, split: Split, bs: int) -> Batches:
         dataset = {"train": self.train_plain, "val": self.val, "test": self.test}[split]

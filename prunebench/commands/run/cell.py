@@ -2,7 +2,9 @@
 :func:`~prunebench.commands.run.phases.train_and_prune`, then measured (test accuracy, MACs, parameters, and
 speed against the dense model in eager PyTorch and ONNX Runtime: :mod:`~prunebench.commands.run.latency`) and
 logged with its per-layer table, pruned model and ONNX file. A cell that raises is marked FAILED and the grid
-goes on. Names of what is logged: :mod:`prunebench.tracking.schema` (docs/tracking.md)."""
+goes on -- except under ``torchrun``, where the other ranks may be waiting in a collective: the job stops, and
+``--resume`` continues the cell from its last checkpoint. Names of what is logged: :mod:`prunebench.tracking.schema`
+(docs/tracking.md)."""
 
 from __future__ import annotations
 
@@ -203,6 +205,12 @@ def run_isolated(
     except Exception as exc:  # isolate the failure (cell_run marked the run FAILED with the traceback)
         cell.status, cell.error = "FAILED", f"{type(exc).__name__}: {one_line(exc, 500)}"
         log.info("  %s: FAILED (%s)", cell.describe(), cell.error)
+        if distributed.world_size() > 1:  # the other ranks may be waiting in a collective: stop the whole job
+            raise distributed.RankFailed(
+                f"{cell.describe()} failed on rank {distributed.rank()} of {distributed.world_size()} "
+                f"({cell.error}); the job stops. Fix the cause and add --resume to the same torchrun command: "
+                "finished cells are kept and this one continues from its last checkpoint"
+            ) from exc
     else:
         checkpoints.clear()  # type: ignore[union-attr]
     if distributed.world_size() > 1:  # rank 0 measured and logged: its result is every rank's summary

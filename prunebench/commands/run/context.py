@@ -51,6 +51,7 @@ class Context:
         self.example = torch.zeros(
             1, self.data.in_chans, self.data.image_size, self.data.image_size, device=self.device
         )
+        distributed.check_batch(steps_per_epoch(self.data.split_sizes()["train"], recipe.data.batch_size))
         self.reach: Reach | None = None
         self.dense_onnx: dict[int, Any] = {}  # seed -> the dense model in ONNX Runtime, or why it did not export
 

@@ -88,10 +88,10 @@ def _train_dense(ctx: Context, model: nn.Module, seed: int, path: Path) -> None:
     start = TrainingCheckpoint.read(partial) if ctx.resume and distributed.is_main() else None
     if start is not None and (start.kind != "dense" or start.key != key):
         start = None
-    start = distributed.broadcast_object(start)  # rank 0's decision; every rank reads the weights (shared workdir)
+    start = distributed.broadcast_object(start)  # rank 0's decision, and below its weights
     optimizer = None
     if start is not None:
-        prepare_model(start.load_model(partial, model), ctx.device, recipe.train)
+        prepare_model(distributed.load_checkpointed(partial, model), ctx.device, recipe.train)
         optimizer = make_optimizer(model, recipe.dense)
         optimizer.load_state_dict(start.optimizer)
         cache.set_rng_state(start.rng)  # type: ignore[arg-type]

@@ -76,8 +76,8 @@ def cell_phases(recipe: Recipe, method: PruningMethod, *, prune: bool = True) ->
 @dataclass
 class CellCheckpoints:
     """Where one cell checkpoints (``path``), and for which cell and MLflow run: a checkpoint is resumed
-    only by the run that wrote it. Under ``torchrun`` rank 0 alone reads (and tells the others), writes and
-    clears the checkpoint; every rank loads the weights from the same (shared) workdir."""
+    only by the run that wrote it. Under ``torchrun`` rank 0 alone reads (and sends the others), writes and
+    clears the checkpoint."""
 
     path: Path
     key: str
@@ -263,7 +263,8 @@ def _cell_setup(
         model = copy.deepcopy(dense)
     else:
         assert checkpoints is not None
-        model = prepare_model(start.load_model(checkpoints.path, ctx.new_model()), ctx.device, recipe.train)
+        fresh = ctx.new_model()
+        model = prepare_model(distributed.load_checkpointed(checkpoints.path, fresh), ctx.device, recipe.train)
     snapshot = {k: v.clone() for k, v in model.state_dict().items()} if start is not None else None
     prune = recipe.prune
     _, groups = build_groups(model, ctx.example, scope=prune.scope, ignored_layers=prune.ignored_layers)
