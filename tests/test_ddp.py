@@ -79,8 +79,8 @@ def test_sync_batchnorm_without_torchrun_exits_2(write_recipe, tiny_recipe, caps
     assert "torchrun --nproc-per-node" in capsys.readouterr().err
 
 
-def _torchrun(folder: Path, recipe: dict, *args: str, **env: str) -> subprocess.CompletedProcess:
-    """``torchrun --standalone --nproc-per-node 2 -m prunebench run`` on ``recipe`` (written into ``folder``)."""
+def _torchrun(folder: Path, recipe: dict, *args: str, quiet: bool = True, **env: str) -> subprocess.CompletedProcess:
+    """``torchrun --standalone --nproc-per-node 2 -m prunebench run [-q]`` on ``recipe`` (written into ``folder``)."""
     path = folder / "ddp.yaml"
     path.write_text(yaml.safe_dump(recipe, sort_keys=False))
     clean = {
@@ -88,7 +88,7 @@ def _torchrun(folder: Path, recipe: dict, *args: str, **env: str) -> subprocess.
     }
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2"]
     return subprocess.run(
-        [*cmd, "-m", "prunebench", "run", str(path), "-q", *args],
+        [*cmd, "-m", "prunebench", "run", str(path), *args, *(["-q"] if quiet else [])],
         cwd=folder,
         env={**clean, "OMP_NUM_THREADS": "1", **env},
         capture_output=True,
@@ -119,8 +119,10 @@ def _runs(folder: Path, experiment: str = "tiny") -> tuple[mlflow.MlflowClient, 
 
 def test_torchrun_two_processes(tmp_path: Path, tiny_recipe: dict) -> None:
     recipe = _recipe(tmp_path, tiny_recipe)
-    proc = _torchrun(tmp_path, recipe)
+    proc = _torchrun(tmp_path, recipe, quiet=False)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-5000:]
+    assert proc.stdout.count("seed 0: dense test top-1") == 1  # rank 0 alone says what happens
+    assert proc.stdout.count("pruned step 1/1") == 1
 
     client, parents, cells = _runs(tmp_path)
     assert len(parents) == 1

@@ -77,13 +77,15 @@ class _ByLevel(logging.Handler):
 
 @contextmanager
 def configure_logging(quiet: bool) -> Iterator[None]:
-    """The ``prunebench`` logger's handler and level (INFO, or WARNING with ``-q``) for one command."""
+    """The ``prunebench`` logger's handler and level (INFO, or WARNING with ``-q``) for one command; ERROR on
+    the ranks other than 0 of a ``torchrun`` launch, so its messages are said once (rank 0's)."""
     logger = logging.getLogger("prunebench")
     handler = _ByLevel()
     handler.setFormatter(logging.Formatter("%(message)s"))
     saved = logger.level
     logger.addHandler(handler)
-    logger.setLevel(logging.WARNING if quiet else logging.INFO)
+    other_rank = os.environ.get("RANK", "0") != "0" and "LOCAL_RANK" in os.environ
+    logger.setLevel(logging.ERROR if other_rank else logging.WARNING if quiet else logging.INFO)
     try:
         yield
     finally:
