@@ -144,6 +144,10 @@ def train(
     order is a pure function of the seed and the epoch. ``method`` hooks run at the fixed points described
     in :mod:`prunebench.method`. ``val_fn`` (validation top-1) runs at every epoch end; ``on_epoch_end``
     receives the stats and the optimizer (checkpointing and logging hang off it).
+
+    Under ``torchrun`` (:mod:`prunebench.distributed`) each rank trains on its shard of every epoch through a
+    DDP wrapper of ``model`` made for this call (so a pruned model gets a fresh one), the epoch's figures are
+    summed over the ranks, and every epoch ends with rank 0's buffers on every rank.
     """
     opts = opts or TrainOptions()
     optimizer = optimizer or make_optimizer(model, sched)
