@@ -368,7 +368,7 @@ CATALOGUE = [
         r"methods\[0\]\.lambda: .*greater than or equal to 0",
     ),
     ("negative-lr", {"finetune": {"epochs": 1, "lr": -0.1}}, [], r"finetune\.lr: .*greater than 0"),
-    ("zero-dense-epochs", {"dense": {"epochs": 0}}, [], r"dense: .*at least 1"),
+    ("zero-dense-epochs", {"dense": {"epochs": 0}}, [], r"dense\.epochs must be at least 1 unless"),
     ("max-layer-ratio-0", {"prune": {"max_layer_ratio": 0}}, [], r"prune\.max_layer_ratio: .*greater than 0"),
     (
         "max-layer-ratio-big",
