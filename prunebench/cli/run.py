@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import argparse
 import logging
+import os
 import shlex
 
 log = logging.getLogger(__name__)
@@ -90,7 +91,8 @@ def run(args: argparse.Namespace) -> int:
             resume_command(args),
         )
         return exc.exit_code
-    print(format_summary(summary), flush=True)
+    if os.environ.get("RANK", "0") == "0":  # under torchrun the table is said once, by rank 0
+        print(format_summary(summary), flush=True)
     if summary.failed:
         cells = [c for c in summary.failed if not c.control]
         controls = len(summary.failed) - len(cells)
