@@ -22,6 +22,7 @@ does not move the indices of another.
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import time
 from collections.abc import Iterable, Mapping, Sequence
@@ -49,7 +50,7 @@ from prunebench.budget import (
     warn_outside_band,
 )
 from prunebench.depgraph import refresh_split_offsets, sync_split_sizes, tolerant_concat_mapping
-from prunebench.errors import UserError
+from prunebench.errors import UserError, quiet_loggers
 from prunebench.groups import PrunableGroup, Scope, build_groups, index_mapping_refresh_skipped
 from prunebench.measure import count_macs
 from prunebench.method import Calibration, PruningMethod
@@ -384,6 +385,29 @@ def _layer_table(before: dict[str, tuple[str, int, int]], after: dict[str, tuple
 # -- entry point -----------------------------------------------------------------------------------
 
 
+def _plan(
+    groups: Sequence[PrunableGroup],
+    method: PruningMethod,
+    cost: MacsCostModel,
+    target_macs: float,
+    scores: Any,
+    calib: Calibration | None,
+    max_layer_ratio: float,
+    round_to: int | None,
+    dense_widths: Mapping[str, int] | None,
+    ref: float,
+) -> tuple[list[Tensor], float]:
+    """The cut plan (uniform for a calibrated method, else global by score) and its band's tolerance."""
+    caps = group_caps(groups, max_layer_ratio, round_to, dense_widths)
+    tol = budget_tolerance(cost, groups, ref, round_to, caps=caps)
+    budget = dict(
+        max_layer_ratio=max_layer_ratio, round_to=round_to, dense_widths=dense_widths, reference_macs=ref, tolerance=tol
+    )
+    if method.calibrated:
+        return plan_uniform(groups, method, cost, target_macs, calib=calib, **budget), tol
+    return plan_global(groups, scores, cost, target_macs, **budget), tol
+
+
 def prune_to_target(
     model: nn.Module,
     method: PruningMethod,
@@ -437,16 +461,15 @@ def prune_to_target(
     timings["groups"] = time.perf_counter() - t
 
     t = time.perf_counter()
-    caps = group_caps(groups, max_layer_ratio, round_to, dense_widths)
-    tol = budget_tolerance(cost, groups, ref, round_to, caps=caps)
-    budget = dict(
-        max_layer_ratio=max_layer_ratio, round_to=round_to, dense_widths=dense_widths, reference_macs=ref, tolerance=tol
-    )
-    if method.calibrated:
-        plan = plan_uniform(groups, method, cost, target_macs, calib=calib, **budget)
-    else:
-        scores = score_groups(method, groups)
-        plan = plan_global(groups, scores, cost, target_macs, **budget)
+    scores = None if method.calibrated else score_groups(method, groups)
+    rounded = round_to is not None and round_to > 1
+    args = (groups, method, cost, target_macs, scores, calib, max_layer_ratio)
+    with quiet_loggers("prunebench.budget") if rounded else contextlib.nullcontext():
+        plan, tol = _plan(*args, round_to, dense_widths, ref)
+    if rounded and cost.macs_for(np.asarray([len(p) for p in plan])) < target_macs - tol * ref:
+        msg = "round_to=%s leaves no plan within %.3f pp of the %.1f%% MACs target: this cut keeps exact widths"
+        logger.warning(msg, round_to, 100 * tol, 100 * target)  # the budget match comes first (docs/fairness.md)
+        plan, tol = _plan(*args, None, dense_widths, ref)
     timings["plan"] = time.perf_counter() - t
 
     t = time.perf_counter()
