@@ -469,7 +469,8 @@ def prune_to_target(
     if rounded and cost.macs_for(np.asarray([len(p) for p in plan])) < target_macs - tol * ref:
         msg = "round_to=%s leaves no plan within %.3f pp of the %.1f%% MACs target: this cut keeps exact widths"
         logger.warning(msg, round_to, 100 * tol, 100 * target)  # the budget match comes first (docs/fairness.md)
-        plan, tol = _plan(*args, None, dense_widths, ref)
+        cost = MacsCostModel(model, groups, before)  # the global plan spent the first one's removals
+        plan, tol = _plan(groups, method, cost, *args[3:], None, dense_widths, ref)
     timings["plan"] = time.perf_counter() - t
 
     t = time.perf_counter()

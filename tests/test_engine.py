@@ -386,3 +386,18 @@ def test_auto_scope_is_internal_where_it_reaches_the_target_and_all_otherwise(ca
     assert model.layer3[2].conv2.out_channels < 64  # a residual stream was cut
     with pytest.raises(UserError, match="max_layer_ratio"):
         prune_to_target(make("resnet20_cifar")[0], l1(), 0.8, x, scope="internal")
+
+
+@pytest.mark.parametrize("method", ["l1", "thinet"])
+def test_a_rounding_that_misses_the_band_falls_back_to_exact_widths(method: str, caplog) -> None:
+    """ResNet-56 at 64 px, 30%, round_to 16: no rounded plan lands within the band, so the cut keeps exact
+    widths and says so; the budget still matches (the global plan replans on a fresh cost model)."""
+    torch.manual_seed(0)
+    model = timm.create_model("resnet56_cifar", num_classes=10).eval()
+    x = torch.zeros(1, 3, 64, 64)
+    m = available_methods()[method]()
+    calib = Calibration(model=model, batches=[torch.randn(16, 3, 64, 64)]) if m.calibrated else None
+    with caplog.at_level(logging.WARNING):
+        res = prune_to_target(model, m, 0.3, x, scope="internal", round_to=16, calib=calib)
+    assert any("round_to=16 leaves no plan within" in r.getMessage() for r in caplog.records)
+    assert 0.3 <= res.macs_reduction <= 0.3 + res.tolerance + 1e-9
