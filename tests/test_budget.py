@@ -290,7 +290,8 @@ class _OddWidths(nn.Module):
 @pytest.mark.parametrize("uniform", [True, False])
 def test_round_to_on_widths_that_are_not_multiples(uniform: bool, caplog) -> None:
     """A 12-channel group keeps 12 or 8 under round_to=8, never a negative count: the uniform plan used
-    to compute 12 - ceil(10 / 8) * 8 = -4 channels to remove, i.e. all but four."""
+    to compute 12 - ceil(10 / 8) * 8 = -4 channels to remove, i.e. all but four. Where no rounded plan lands
+    in the band, the cut keeps exact widths and says so."""
     x = torch.randn(1, 3, 8, 8)
     for target in (0.1, 0.3, 0.5):
         model = _OddWidths()
@@ -300,7 +301,9 @@ def test_round_to_on_widths_that_are_not_multiples(uniform: bool, caplog) -> Non
             res = prune_to_target(model, method, target, x, round_to=8, calib=_NO_CALIBRATION if uniform else None)
         widths = {"a": model.a.out_channels, "b": model.b.out_channels, "c": model.c.out_channels}
         print(f"odd widths, uniform={uniform} -> {target}: {res.macs_reduction:.4f} (tol {res.tolerance:.4f}) {widths}")
-        assert all(w % 8 == 0 or w == dense for w, dense in zip(widths.values(), (12, 20, 24))), widths
+        rounded = all(w % 8 == 0 or w == dense for w, dense in zip(widths.values(), (12, 20, 24)))
+        exact = any("leaves no plan within" in r.getMessage() for r in caplog.records)  # rounding gave way
+        assert rounded or exact, widths
         assert res.removed == {"a": 12 - widths["a"], "b": 20 - widths["b"], "c": 24 - widths["c"]}
         assert res.macs_reduction >= target
-        assert res.macs_reduction <= target + res.tolerance or len(caplog.records) == 1
+        assert res.macs_reduction <= target + res.tolerance or len(caplog.records) == 1 + exact
