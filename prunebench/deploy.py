@@ -305,3 +305,24 @@ def check_outputs(
             f"ONNX outputs differ from PyTorch's: max abs difference {diff:.3g} (atol {atol:g}, rtol {rtol:g})"
         )
     return diff
+
+
+def deploy(
+    model: nn.Module,
+    sample_shape: Sequence[int],
+    path: str | Path,
+    device: str | torch.device = "cpu",
+    check: bool = True,
+) -> OrtModel:
+    """``model`` exported to ``path`` and opened in ONNX Runtime (with ``check``, its outputs compared with
+    PyTorch's); any of these failing is an :class:`ExportError`, ONNX Runtime's own exception types included."""
+    exported = export_onnx(model, sample_shape, path)
+    try:
+        ort_model = OrtModel(exported, device)
+        if check:
+            check_outputs(model, ort_model, sample_shape)
+    except ExportError:
+        raise
+    except Exception as exc:  # ONNX Runtime refused or failed the exported graph
+        raise ExportError(f"ONNX Runtime could not run the exported model: {one_line(exc, 300)}") from exc
+    return ort_model

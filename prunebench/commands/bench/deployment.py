@@ -28,7 +28,7 @@ from torch import Tensor, nn
 from torch.profiler import ProfilerActivity, profile
 
 from prunebench.commands.bench.workload import Workload
-from prunebench.deploy import ExportError, OrtModel, export_onnx
+from prunebench.deploy import ExportError, OrtModel, deploy
 from prunebench.errors import one_line
 from prunebench.measure import forward_call, latency_input, latency_ready
 from prunebench.timing import Paired, pair
@@ -99,11 +99,9 @@ def prepare(w: Workload, models: dict[str, nn.Module], compile_models: bool, not
     with tempfile.TemporaryDirectory(prefix="prunebench-bench-") as tmp:
         for k, m in models.items():
             try:
-                out.onnx[k] = OrtModel(export_onnx(m, SHAPE, Path(tmp) / f"{k}.onnx"), w.device)
+                out.onnx[k] = deploy(m, SHAPE, Path(tmp) / f"{k}.onnx", w.device, check=False)
             except ExportError as exc:
                 out.onnx_errors[k] = one_line(exc, 300)
-            except Exception as exc:  # onnxruntime refusing the file: its own exception types
-                out.onnx_errors[k] = f"{type(exc).__name__}: {one_line(exc, 300)}"
     out.export_s = time.perf_counter() - t0
     if compile_models and not note:
         out.compile_note = compile_unavailable(w.device)

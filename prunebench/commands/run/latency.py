@@ -16,8 +16,7 @@ from pathlib import Path
 from torch import nn
 
 from prunebench.commands.run.context import Context
-from prunebench.deploy import ExportError, OrtModel, check_outputs, export_onnx
-from prunebench.errors import one_line
+from prunebench.deploy import ExportError, OrtModel, deploy
 from prunebench.measure import Caller, eager_caller, paired_latency
 from prunebench.tracking import schema
 
@@ -33,25 +32,11 @@ class Speed:
     onnx_file: Path | None = None
 
 
-def _onnx(model: nn.Module, shape: tuple[int, ...], path: Path, ctx: Context) -> OrtModel:
-    """Export ``model`` to ``path``, open it in ONNX Runtime and check its outputs against PyTorch's; any of
-    these failing is an :class:`ExportError` (the cell keeps its eager figures)."""
-    exported = export_onnx(model, shape, path)
-    try:
-        ort = OrtModel(exported, ctx.device)
-        check_outputs(model, ort, shape)
-    except ExportError:
-        raise
-    except Exception as exc:  # ONNX Runtime refused or failed the exported graph
-        raise ExportError(f"ONNX Runtime could not run the exported model: {one_line(exc, 300)}") from exc
-    return ort
-
-
 def _dense_onnx(ctx: Context, dense: nn.Module, seed: int, folder: Path) -> OrtModel:
     """The dense model of ``seed`` in ONNX Runtime, exported once per invocation (a failure is kept too)."""
     if seed not in ctx.dense_onnx:
         try:
-            ctx.dense_onnx[seed] = _onnx(dense, ctx.sample_shape, folder / f"dense-s{seed}.onnx", ctx)
+            ctx.dense_onnx[seed] = deploy(dense, ctx.sample_shape, folder / f"dense-s{seed}.onnx", ctx.device)
         except ExportError as exc:
             ctx.dense_onnx[seed] = exc
     found = ctx.dense_onnx[seed]
@@ -72,7 +57,7 @@ def measure_speed(ctx: Context, dense: nn.Module, model: nn.Module, seed: int, o
     if m.onnx:
         try:
             dense_ort = _dense_onnx(ctx, dense, seed, onnx_path.parent)
-            pruned_ort = _onnx(model, ctx.sample_shape, onnx_path, ctx)
+            pruned_ort = deploy(model, ctx.sample_shape, onnx_path, ctx.device)
         except ExportError as exc:
             speed.tags[schema.ONNX_ERROR_TAG] = str(exc)
             log.warning("  no ONNX Runtime figures for this cell: %s", exc)
