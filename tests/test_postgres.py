@@ -1,5 +1,6 @@
-"""Real servers, no mocks: two ``prunebench tune`` workers share one Optuna study on PostgreSQL, and a grid
-logged to an ``mlflow server`` backed by PostgreSQL comes back through ``prunebench compare`` over HTTP.
+"""Real servers, no mocks: two ``prunebench tune`` workers share one Optuna study on PostgreSQL, and a grid run
+as Ray tasks, logged to an ``mlflow server`` backed by PostgreSQL, comes back through ``prunebench compare``
+over HTTP.
 A PostgreSQL URL whose driver is missing is refused in one line naming what to install, before any work.
 
 The PostgreSQL server is a throw-away one (tests/pgserver.py); without the server binaries these tests skip
@@ -111,14 +112,14 @@ def test_two_tune_workers_share_one_study_on_postgresql(pg_server: PgServer, wri
     assert len({t.params["lambda"] for t in trials}) == n  # the workers drew different values
 
 
-def test_grid_logged_to_an_mlflow_server_on_postgresql_is_compared_over_http(
+def test_ray_grid_logged_to_an_mlflow_server_on_postgresql_is_compared_over_http(
     mlflow_server: str, write_recipe, fast_recipe, tmp_path: Path, capsys
 ) -> None:
     fast_recipe["name"] = "pgserver"
     fast_recipe["methods"] = [{"name": "l1"}, {"name": "random"}]
     fast_recipe["tracking"] = {"uri": mlflow_server}
     path = write_recipe(fast_recipe)
-    assert main(["run", str(path), "-q"]) == 0
+    assert main(["run", str(path), "-q", "--executor", "ray"]) == 0  # each cell logs from its own Ray worker
     assert not (tmp_path / "mlflow.db").exists() and not (tmp_path / "mlruns").exists()  # all went to the server
     capsys.readouterr()
 

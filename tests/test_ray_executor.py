@@ -1,6 +1,7 @@
-"""``prunebench run --executor ray`` on a real local Ray instance (one per module): the same metrics per cell as
-``--executor local``, one parent run with every cell logged once, a worker that dies fails only its cell, and
-the exit-2 refusals (Ray missing, an address that does not answer)."""
+"""``prunebench run --executor ray`` and ``prunebench tune --executor ray`` on a real local Ray instance (one per
+module): the same metrics per cell as ``--executor local``, one parent run with every cell logged once, a worker
+that dies fails only its cell, tune's workers sharing one study, and the exit-2 refusals (Ray missing, an
+address that does not answer, Ray options without ``--executor ray``)."""
 
 from __future__ import annotations
 
@@ -87,6 +88,39 @@ def test_ray_grid_equals_local(ray_instance, write_recipe, small_recipe, tmp_pat
     assert torch.get_num_threads() == 1  # the driver's own threads were left alone
 
 
+def test_tune_workers_share_each_study_as_ray_tasks(ray_instance, write_recipe, small_recipe, tmp_path) -> None:
+    import mlflow
+    import optuna
+
+    space = {"tune": [1.0e-6, 1.0e-3], "log": True}
+    small_recipe["methods"] = [{"name": "oicsr", "lambda": dict(space)}, {"name": "group_lasso", "lambda": space}]
+    small_recipe["tune"] = {"sparsity_epochs": 1, "finetune_epochs": 1}
+    small_recipe["data"]["num_samples"] = 384  # trials of about a second: both workers are in before the total
+    path = write_recipe(small_recipe)
+    total = 5
+    argv = ["tune", str(path), "-q", "--executor", "ray", "--workers", "2", "--trials", str(total)]
+    assert main(argv) == 0
+
+    workers = set()
+    for name in ("tiny-oicsr", "tiny-group_lasso"):
+        trials = optuna.load_study(study_name=name, storage=f"sqlite:///{tmp_path}/optuna.db").get_trials()
+        # each worker checks the count before it starts a trial: at most one over per extra worker
+        assert total <= len(trials) <= total + 1, [t.number for t in trials]
+        assert all(t.state == optuna.trial.TrialState.COMPLETE for t in trials), [t.state for t in trials]
+        assert len({t.params["lambda"] for t in trials}) == len(trials)  # the workers drew different values
+        workers |= {t.user_attrs["worker"].rsplit(":", 1)[1] for t in trials}
+    assert len(workers) == 2 and str(os.getpid()) not in workers  # both Ray workers ran trials, the driver none
+
+    client = mlflow.MlflowClient(f"sqlite:///{tmp_path}/mlflow.db")
+    exp = client.get_experiment_by_name("tiny")
+    studies = client.search_runs([exp.experiment_id], "tags.`prunebench.kind` = 'study'")
+    assert len(studies) == 4  # a study run per worker and study, as separate processes would open
+    for run in studies:
+        assert run.info.status == "FINISHED"
+        assert "r.tuned.yaml" in {a.path for a in client.list_artifacts(run.info.run_id)}
+    assert "lambda:" in (tmp_path / "r.tuned.yaml").read_text()
+
+
 def test_a_dead_worker_fails_only_its_cell(ray_instance, write_recipe, small_recipe, tmp_path, capsys) -> None:
     (tmp_path / "crash.py").write_text(CRASH_PLUGIN)
     small_recipe["plugins"] = ["crash.py"]
@@ -109,20 +143,31 @@ def _free_port() -> int:
 
 
 @pytest.mark.parametrize(
-    "prelude,args,needle",
+    "command,prelude,args,needle",
     [
-        ("pass", ["--address", f"127.0.0.1:{_free_port()}"], "no Ray cluster answers there"),
-        ("sys.modules['ray'] = None", [], "pip install 'prunebench[scale]'"),  # as if Ray were not installed
-        ("pass", ["--address", "127.0.0.1:1"], "add --executor ray"),
+        ("run", "pass", ["--executor", "ray", "--address", f"127.0.0.1:{_free_port()}"], "no Ray cluster answers"),
+        ("run", "sys.modules['ray'] = None", ["--executor", "ray"], "pip install 'prunebench[scale]'"),
+        ("run", "pass", ["--address", "127.0.0.1:1"], "add --executor ray"),
+        ("tune", "pass", ["--executor", "ray", "--address", f"127.0.0.1:{_free_port()}"], "no Ray cluster answers"),
+        (
+            "tune",
+            "sys.modules['ray'] = None",
+            ["--executor", "ray", "--workers", "2"],
+            "pip install 'prunebench[scale]'",
+        ),
+        ("tune", "pass", ["--workers", "2"], "add --executor ray"),
+        ("tune", "pass", ["--executor", "ray", "--workers", "0"], "--workers 0"),
     ],
 )
-def test_ray_refusals_exit_2_in_seconds(write_recipe, small_recipe, prelude, args, needle) -> None:
+def test_ray_refusals_exit_2_in_seconds(write_recipe, small_recipe, command, prelude, args, needle) -> None:
+    small_recipe["methods"] = [{"name": "oicsr", "lambda": {"tune": [1.0e-6, 1.0e-3], "log": True}}]
+    if command == "run":
+        small_recipe["methods"] = [{"name": "l1"}]
     path = str(write_recipe(small_recipe))
-    executor = [] if "add --executor" in needle else ["--executor", "ray"]
     code = f"import sys; {prelude}; from prunebench.cli import main; sys.exit(main(sys.argv[1:]))"
     t0 = time.monotonic()
     proc = subprocess.run(
-        [sys.executable, "-c", code, "run", path, *executor, *args],
+        [sys.executable, "-c", code, command, path, *args],
         capture_output=True,
         text=True,
         timeout=120,
@@ -132,4 +177,4 @@ def test_ray_refusals_exit_2_in_seconds(write_recipe, small_recipe, prelude, arg
     assert needle in proc.stderr
     assert len(proc.stderr.strip().splitlines()) == 1, proc.stderr
     assert time.monotonic() - t0 < 60
-    assert not Path("mlflow.db").exists()  # refused before any run
+    assert not Path("mlflow.db").exists() and not Path("optuna.db").exists()  # refused before any run

@@ -32,6 +32,7 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
         "  prunebench tune recipes/quickstart.yaml --trials 20\n"
         "  prunebench tune recipes/quickstart.yaml --methods oicsr,group_lasso -o tune.finetune_epochs=1\n"
         "  prunebench tune recipe.yaml --storage postgresql://user:pw@host/optuna   # on every machine\n"
+        "  prunebench tune recipe.yaml --executor ray --workers 4   # 4 workers per study on Ray\n"
         "  prunebench run quickstart.tuned.yaml && prunebench compare --experiment quickstart\n\n"
         "--trials is the total each study should reach: rerun with a larger number to add trials.",
     )
@@ -79,6 +80,27 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
         help="where to write the tuned recipe (default: <recipe stem>.tuned.yaml here)",
     )
     p.add_argument(
+        "--executor",
+        choices=("local", "ray"),
+        default="local",
+        help="local: the studies one after another in this process (default); ray: --workers Optuna workers per "
+        "study as Ray tasks on the one storage (resources per task: the recipe's executor.resources; needs "
+        "prunebench[scale])",
+    )
+    p.add_argument(
+        "--workers",
+        type=int,
+        default=1,
+        metavar="N",
+        help="with --executor ray: Optuna workers per study, sharing its --trials (default 1)",
+    )
+    p.add_argument(
+        "--address",
+        metavar="HOST:PORT",
+        help="with --executor ray: join this running Ray cluster (the address `ray start --head` prints); "
+        "default: a local Ray instance. Workers on other machines need a --storage and tracking URI they reach",
+    )
+    p.add_argument(
         "-q",
         "--quiet",
         action="store_true",
@@ -107,6 +129,13 @@ def run(args: argparse.Namespace) -> int:
     from prunebench.registry import load_recipe
     from prunebench.signals import Interrupted
 
+    if args.workers < 1:
+        raise UserError(f"--workers {args.workers}: give 1 or more")
+    if args.executor != "ray" and (args.workers > 1 or args.address):
+        flag = "--address names a Ray cluster" if args.address else "--workers runs Optuna workers as Ray tasks"
+        raise UserError(
+            f"{flag}; add --executor ray (or, without Ray, start `prunebench tune` once per worker on one --storage)"
+        )
     source = Path(args.recipe)
     recipe = load_recipe(source, args.override, allow_spaces=True)
     cfg = tune_config(recipe, args)
@@ -121,6 +150,9 @@ def run(args: argparse.Namespace) -> int:
             study=args.study,
             out=Path(args.out) if args.out else None,
             quiet=args.quiet,
+            executor=args.executor,
+            workers=args.workers,
+            address=args.address,
         )
     except Interrupted as exc:  # the command said what was kept and how to resume
         return exc.exit_code

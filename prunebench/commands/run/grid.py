@@ -13,6 +13,7 @@ import time
 from typing import Any
 
 from prunebench import cache
+from prunebench.commands import raytasks
 from prunebench.commands.run import ray_executor
 from prunebench.commands.run.cell import run_isolated
 from prunebench.commands.run.context import Context, check_regularizers, preflight
@@ -44,7 +45,7 @@ def run_recipe(
     then per cell; ``address`` joins a running cluster, else a local instance is started).
     """
     if executor == "ray":  # Ray missing or an address that does not answer: refused before anything else
-        ray_executor.check(address)
+        raytasks.check(address)
     ctx = Context(recipe, quiet, resume=resume)  # a missing dataset fails here ...
     preflight(ctx)  # ... a bad model, dense checkpoint or workdir here ...
     check_regularizers(ctx)  # ... a regularizer that cannot act here (a warning, or an error on request) ...

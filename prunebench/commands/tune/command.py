@@ -13,6 +13,8 @@ from pathlib import Path
 import mlflow
 import optuna
 
+from prunebench.commands import raytasks
+from prunebench.commands.tune import ray_workers
 from prunebench.commands.tune.objective import prepare
 from prunebench.commands.tune.report import StudyResult
 from prunebench.commands.tune.study import collect_best, default_storage, mask_url, open_storage, run_study
@@ -49,13 +51,20 @@ def tune_recipe(
     study: str | None = None,
     out: Path | None = None,
     quiet: bool = False,
+    executor: str = "local",
+    workers: int = 1,
+    address: str | None = None,
 ) -> TuneOutcome:
     """Run (or resume) one study per tunable method of ``recipe`` (loaded from ``source`` with ``overrides``)
     and write the tuned recipe to ``out`` (default ``<recipe stem>.tuned.yaml``).
 
+    ``executor="ray"`` runs ``workers`` Optuna workers per study as Ray tasks (joining the cluster at
+    ``address``, else on a local instance); ``"local"`` runs the studies one after another in this process.
     Raises :class:`~prunebench.errors.UserError` for bad input or an unusable store (before any training),
     :class:`~prunebench.signals.Interrupted` on SIGINT/SIGTERM (finished trials are kept).
     """
+    if executor == "ray":
+        raytasks.check(address)
     tasks = plan_tasks(recipe, cfg, methods, study)
     all_tasks = plan_tasks(recipe, cfg, None, study, announce=False) if methods else tasks
 
@@ -85,7 +94,21 @@ def tune_recipe(
                 setup.ctx.steps_per_epoch,
                 cfg.pull_range,
             )
-            results = [run_study(setup, storage, storage_url, t, cfg.trials, cfg.timeout) for t in tasks]
+            if executor == "ray":
+                experiment_id = mlflow.get_experiment_by_name(recipe.experiment).experiment_id
+                results, run_ids = ray_workers.run_studies(
+                    setup,
+                    tasks,
+                    storage,
+                    storage_url,
+                    uri=uri,
+                    experiment_id=experiment_id,
+                    workers=workers,
+                    address=address,
+                )
+            else:
+                results = [run_study(setup, storage, storage_url, t, cfg.trials, cfg.timeout) for t in tasks]
+                run_ids = [r.run_id for r in results if r.run_id is not None]
     except Interrupted as exc:
         log.warning(
             "\nprunebench: stopped by %s; finished trials are kept in %s and the interrupted one will be run "
@@ -103,9 +126,8 @@ def tune_recipe(
     out = out or default_out(source)
     text = write_tuned(out, data, source, gathered, target)
     client = mlflow.MlflowClient()
-    for r in results:
-        if r.run_id is not None:
-            store.retry(client.log_text, r.run_id, text, out.name)
+    for run_id in run_ids:  # every study run of this invocation (one per worker under Ray)
+        store.retry(client.log_text, run_id, text, out.name)
 
     still = still_searched(data)
     if still:
