@@ -44,6 +44,7 @@ import torch_pruning as tp
 from timm.models import register_model
 from torch import Tensor, nn
 
+from prunebench import weights
 from prunebench.errors import UserError, close_matches, quiet_loggers
 from prunebench.groups import register_pruner
 from prunebench.recipe import ModelConfig
@@ -461,14 +462,14 @@ def densenet40_cifar(
     return CifarDenseNet(depth=40, growth=12, compression=1.0, stem=16, num_classes=num_classes, in_chans=in_chans)
 
 
-# --------------------------------------------------------------------------------------------------
-# helpers used by the harness
+# helpers used by the harness ---------------------------------------------------------------------
 
 
 def create_model(cfg: ModelConfig, num_classes: int, in_chans: int = 3) -> nn.Module:
     """Build the recipe's model through timm; every failure a user can fix becomes a one-line :class:`UserError`."""
     if not timm.is_model(cfg.name):
         raise UserError(f"model.name: unknown model {cfg.name!r}.{close_matches(cfg.name, timm.list_models())}")
+    weights.check_available(cfg)  # pretrained weights neither cached nor downloadable: refused in seconds
     try:
         with quiet_loggers("huggingface_hub"):  # offline, the hub logs each failed request; the error says it once
             return timm.create_model(
