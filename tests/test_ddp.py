@@ -4,6 +4,7 @@ logged once by rank 0 (issue 12, section 1), and the pieces of :mod:`prunebench.
 from __future__ import annotations
 
 import os
+import socket
 import subprocess
 import sys
 from pathlib import Path
@@ -207,3 +208,43 @@ def test_a_rank_that_dies_stops_the_job_and_resume_finishes_the_cell(tmp_path: P
     assert sorted(steps) == [0, 1, 2, 3]
     ranks = [(tmp_path / f"weights-rank{r}.txt").read_text().splitlines() for r in (0, 1)]
     assert len(ranks[1]) >= 2 and set(ranks[1]) <= set(ranks[0])  # rank 1 died after writing epoch 1
+
+
+def test_two_nodes_that_share_no_folder(tmp_path: Path, tiny_recipe: dict) -> None:
+    """``--nnodes 2``, one process each, as two machines would launch it (static rendezvous on loopback): each
+    node has its own folder and recipe copy; the node of rank 0 alone ends up with the MLflow store and files."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    clean = {
+        k: v for k, v in os.environ.items() if k not in ("MLFLOW_TRACKING_URI", "WORLD_SIZE", "RANK", "LOCAL_RANK")
+    }
+    procs = []
+    for node in (0, 1):
+        folder = tmp_path / f"node{node}"
+        folder.mkdir()
+        recipe = {**_recipe(folder, tiny_recipe), "workdir": "work", "tracking": {"uri": "sqlite:///mlflow.db"}}
+        (folder / "ddp.yaml").write_text(yaml.safe_dump(recipe, sort_keys=False))
+        cmd = [sys.executable, "-m", "torch.distributed.run", "--nnodes", "2", "--nproc-per-node", "1"]
+        cmd += ["--node-rank", str(node), "--master-addr", "127.0.0.1", "--master-port", str(port)]
+        procs.append(
+            subprocess.Popen(
+                [*cmd, "-m", "prunebench", "run", "ddp.yaml", "-q"],
+                cwd=folder,
+                env={**clean, "OMP_NUM_THREADS": "1"},
+                stdout=subprocess.PIPE,
+                stderr=subprocess.STDOUT,
+                text=True,
+            )
+        )
+    outs = [p.communicate(timeout=300)[0] for p in procs]
+    for p, out in zip(procs, outs, strict=True):
+        assert p.returncode == 0, out[-5000:]
+
+    _, parents, cells = _runs(tmp_path / "node0")
+    assert len(parents) == 1 and len(cells) == 1 and cells[0].info.status == "FINISHED"
+    assert cells[0].data.params[schema.WORLD_SIZE_PARAM] == "2"
+    assert len(list((tmp_path / "node0" / "work" / "dense").glob("*.pt"))) == 1
+    other = tmp_path / "node1"
+    assert not (other / "mlflow.db").exists() and not (other / "mlruns").exists()
+    assert not (other / "work").exists() or not any(p.is_file() for p in (other / "work").rglob("*"))
