@@ -9,6 +9,7 @@ import torch.nn.functional as F
 import torch_pruning as tp
 from torch import nn
 
+from prunebench import weights
 from prunebench.errors import UserError
 from prunebench.groups import classifier_and_stem, customized_pruners
 from prunebench.models import (
@@ -206,9 +207,13 @@ def test_unknown_kwarg_is_a_user_error() -> None:
 
 
 def test_pretrained_download_failure_is_a_user_error(monkeypatch: pytest.MonkeyPatch) -> None:
+    """The host answered (prunebench/weights.py let it through) but the download failed all the same; the
+    case where it does not answer is tests/test_pretrained.py."""
+
     def offline(*args: object, **kwargs: object) -> nn.Module:
         raise OSError("Name or service not known")
 
+    monkeypatch.setattr(weights, "check_available", lambda model: None)
     monkeypatch.setattr(timm, "create_model", offline)
     with pytest.raises(UserError, match="could not be downloaded.*dense.checkpoint.*pretrained: false"):
         create_model(ModelConfig(name="resnet18", pretrained=True), num_classes=10)

@@ -86,6 +86,7 @@ def test_two_tune_workers_share_one_study_on_postgresql(pg_server: PgServer, wri
     storage = pg_server.create("optuna_workers")
     fast_recipe["methods"] = [{"name": "oicsr", "lambda": dict(SPACE)}]
     fast_recipe["tune"] = {"sparsity_epochs": 1, "finetune_epochs": 1}
+    fast_recipe["data"]["num_samples"] = 384  # trials of about a second: both workers are in before the total
     path = write_recipe(fast_recipe)
     total = 4
     env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONWARNINGS": "ignore"}
