@@ -17,12 +17,9 @@ from __future__ import annotations
 
 import contextlib
 import copy
-import ctypes
 import io
 import logging
-import os
 import re
-import sys
 import warnings
 from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
@@ -34,7 +31,7 @@ import torch
 from torch import Tensor, nn
 from torch.export import Dim
 
-from prunebench.errors import one_line
+from prunebench.errors import native_output_silenced, one_line
 from prunebench.files import atomic_write
 
 log = logging.getLogger(__name__)
@@ -48,7 +45,6 @@ EXPORT_BATCH = 3
 _CHATTY = ("torch", "onnxscript", "onnx_ir", "onnx")  # loggers whose records are exporter chatter
 _ANSI = re.compile(r"\x1b\[[0-9;]*m")
 _REASON_CHARS = 200  # per exporter in an ExportError message
-_LIBC = ctypes.CDLL(None) if os.name == "posix" else None
 
 
 class ExportError(RuntimeError):
@@ -119,7 +115,7 @@ def _export_torchscript(net: nn.Module, x: Tensor) -> onnx.ModelProto:
     buffer = io.BytesIO()
     log_enabled = torch._C._jit_is_onnx_log_enabled()
     try:
-        with _quiet(), _quiet_fds():
+        with _quiet(), native_output_silenced():
             torch.onnx.export(
                 net,
                 (x,),
@@ -170,32 +166,6 @@ def _quiet() -> Iterator[None]:
     finally:
         for lg, level in levels:
             lg.setLevel(level)
-
-
-@contextlib.contextmanager
-def _quiet_fds() -> Iterator[None]:
-    """Point file descriptors 1 and 2 at the null device: the TorchScript exporter's C++ log (a graph dump
-    on every failure) is written there directly, past ``sys.stdout``."""
-    _flush_all()
-    saved = (os.dup(1), os.dup(2))
-    null = os.open(os.devnull, os.O_WRONLY)
-    try:
-        os.dup2(null, 1)
-        os.dup2(null, 2)
-        yield
-    finally:
-        _flush_all()  # what C stdio buffered goes to the null device, not to the restored descriptors
-        os.dup2(saved[0], 1)
-        os.dup2(saved[1], 2)
-        for fd in (*saved, null):
-            os.close(fd)
-
-
-def _flush_all() -> None:
-    sys.stdout.flush()
-    sys.stderr.flush()
-    if _LIBC is not None:
-        _LIBC.fflush(None)
 
 
 # -- inference -------------------------------------------------------------------------------------

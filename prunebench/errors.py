@@ -1,16 +1,22 @@
-"""Errors a user can cause.
+"""Errors a user can cause, and keeping libraries' own noise out of what prunebench says.
 
 Anything the user can fix (a bad recipe, an unknown name, a missing dataset) raises :class:`UserError`.
 The CLI prints its message on one line and exits with status 2, never a traceback; everything else is a
-bug or a failed run and is reported as such.
+bug or a failed run and is reported as such. :func:`quiet_loggers` and :func:`native_output_silenced` hush
+libraries whose messages prunebench reports once in its own words.
 """
 
 from __future__ import annotations
 
 import contextlib
+import ctypes
 import difflib
 import logging
+import os
+import sys
 from collections.abc import Iterable, Iterator
+
+_LIBC = ctypes.CDLL(None) if os.name == "posix" else None
 
 
 class UserError(Exception):
@@ -53,3 +59,31 @@ def quiet_loggers(*names: str, level: int = logging.ERROR) -> Iterator[None]:
     finally:
         for lg, lvl in zip(loggers, before, strict=True):
             lg.setLevel(lvl)
+
+
+@contextlib.contextmanager
+def native_output_silenced(*fds: int) -> Iterator[None]:
+    """Point file descriptors ``fds`` (default 1 and 2) at the null device for a block: native libraries that
+    write past ``sys.stdout``/``sys.stderr`` (the TorchScript exporter's graph dumps, the profiler's start and
+    stop lines). What C stdio buffered inside the block goes to the null device too."""
+    fds = fds or (1, 2)
+    _flush_all()
+    saved = [os.dup(fd) for fd in fds]
+    null = os.open(os.devnull, os.O_WRONLY)
+    try:
+        for fd in fds:
+            os.dup2(null, fd)
+        yield
+    finally:
+        _flush_all()
+        for fd, copy in zip(fds, saved, strict=True):
+            os.dup2(copy, fd)
+        for fd in (*saved, null):
+            os.close(fd)
+
+
+def _flush_all() -> None:
+    sys.stdout.flush()
+    sys.stderr.flush()
+    if _LIBC is not None:
+        _LIBC.fflush(None)

@@ -11,14 +11,11 @@ pairs each with its dense counterpart (dense ONNX -> pruned ONNX, dense compiled
 
 from __future__ import annotations
 
-import contextlib
-import os
 import shutil
-import sys
 import tempfile
 import time
 import types
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -29,7 +26,7 @@ from torch.profiler import ProfilerActivity, profile
 
 from prunebench.commands.bench.workload import Workload
 from prunebench.deploy import ExportError, OrtModel, deploy
-from prunebench.errors import one_line
+from prunebench.errors import native_output_silenced, one_line
 from prunebench.measure import forward_call, latency_input, latency_ready
 from prunebench.timing import Paired, pair
 
@@ -125,20 +122,6 @@ def prepare(w: Workload, models: dict[str, nn.Module], compile_models: bool, not
 
 
 # -- where the batch-1 time goes -------------------------------------------------------------------
-@contextlib.contextmanager
-def native_stderr_silenced() -> Iterator[None]:
-    """Send file descriptor 2 to /dev/null: the profiler's native library logs start/stop lines there."""
-    sys.stderr.flush()
-    saved = os.dup(2)
-    try:
-        with open(os.devnull, "w") as null:
-            os.dup2(null.fileno(), 2)
-            yield
-    finally:
-        os.dup2(saved, 2)
-        os.close(saved)
-
-
 _CONV = "conv"
 
 
@@ -173,7 +156,7 @@ def forward_breakdown(fn: Callable[[], object], calls: int = 20) -> Breakdown:
     call and the self time of the operators (``aten::``, ``mkldnn::``, ...; annotations such as a compiled
     region's are left out: what they cover that is not an operator counts as the remainder)."""
     fn()
-    with native_stderr_silenced(), profile(activities=[ProfilerActivity.CPU]) as prof:
+    with native_output_silenced(2), profile(activities=[ProfilerActivity.CPU]) as prof:
         t0 = time.perf_counter()
         for _ in range(calls):
             fn()

@@ -21,10 +21,10 @@ import torch
 from tabulate import tabulate
 from torch.profiler import ProfilerActivity, profile
 
-from prunebench.commands.bench.deployment import native_stderr_silenced
 from prunebench.commands.bench.figures import Pruning
 from prunebench.commands.bench.targets import Check
 from prunebench.commands.bench.workload import Workload
+from prunebench.errors import native_output_silenced
 from prunebench.groups import build_groups
 from prunebench.measure import count_macs, forward_call, latency_input, latency_ready
 from prunebench.registry import build_method
@@ -108,7 +108,7 @@ def op_profile(fn: Callable[[], object], shapes: bool = False, rows: int = 14) -
     cuda = torch.cuda.is_available()
     acts = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if cuda else [])
     fn()
-    with native_stderr_silenced(), profile(activities=acts, record_shapes=shapes) as prof:
+    with native_output_silenced(2), profile(activities=acts, record_shapes=shapes) as prof:
         fn()
     events = prof.key_averages(group_by_input_shape=shapes)
     sort = "self_cuda_time_total" if cuda else "self_cpu_time_total"
