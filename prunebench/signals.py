@@ -20,6 +20,7 @@ from typing import Any
 SIGNALS = (signal.SIGINT, signal.SIGTERM)
 log = logging.getLogger(__name__)
 _holding = False  # a signals_held() block is open (main thread only)
+_received: int | None = None  # the signal handle_signals() last turned into Interrupted
 
 
 class Interrupted(KeyboardInterrupt):
@@ -59,6 +60,8 @@ def handle_signals() -> Iterator[None]:
             log.warning("prunebench: already stopping; marking the runs KILLED")
             return
         stopping = True
+        global _received
+        _received = signum
         raise Interrupted(signum)
 
     previous = {s: signal.signal(s, on_signal) for s in SIGNALS}
@@ -66,6 +69,14 @@ def handle_signals() -> Iterator[None]:
         yield
     finally:
         _restore(previous)
+
+
+def as_interrupted(exc: KeyboardInterrupt) -> Interrupted:
+    """``exc`` as :class:`Interrupted`: a library that turns the handler's exception into a plain
+    ``KeyboardInterrupt`` (Ray's waits do) loses which signal it was; the one received says it."""
+    if isinstance(exc, Interrupted):
+        return exc
+    return Interrupted(_received or signal.SIGINT)
 
 
 @contextmanager

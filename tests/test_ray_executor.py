@@ -6,7 +6,9 @@ address that does not answer, Ray options without ``--executor ray``)."""
 from __future__ import annotations
 
 import os
+import signal
 import socket
+import subprocess
 import sys
 import time
 from pathlib import Path
@@ -133,6 +135,48 @@ def test_a_dead_worker_fails_only_its_cell(ray_instance, write_recipe, small_rec
     assert "died" in status["crash"].data.tags["prunebench.error"]
     assert len(parents) == 1 and parents[0].info.status == "FINISHED"
     assert "--executor ray --resume" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize(
+    "sig",
+    [signal.SIGTERM, pytest.param(signal.SIGINT, marks=pytest.mark.slow)],  # one path; SIGINT: make test-slow
+)
+def test_a_signal_kills_the_ray_grid_and_resume_finishes_it(write_recipe, small_recipe, tmp_path, sig) -> None:
+    """Ctrl-C (or SIGTERM) while a cell runs as a Ray task: exit 130 (143), the resume command, the running
+    cells KILLED; ``--resume`` then finishes them from their checkpoints, no epoch lost or repeated.
+    Ray turns the handler's exception into a plain KeyboardInterrupt and replaces the SIGTERM handler:
+    ``raytasks.session`` gives prunebench its own handling back."""
+    small_recipe["sparsity"] = {"epochs": 20, "lr": 0.01}  # long enough to be stopped in the middle
+    small_recipe["data"]["num_samples"] = 800
+    small_recipe["tracking"] = {"uri": f"sqlite:///{tmp_path}/mlflow.db"}
+    path = write_recipe(small_recipe)
+    env = {**os.environ, "PYTHONWARNINGS": "ignore", "OMP_NUM_THREADS": "1"}
+    cmd = [sys.executable, "-m", "prunebench", "run", str(path), "-q", "--executor", "ray"]
+    proc = subprocess.Popen(cmd, cwd=tmp_path, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    deadline = time.monotonic() + 180
+    checkpoints = tmp_path / ".prunebench" / "checkpoints"  # the store is left alone until the signal
+    while not list(checkpoints.glob("*/last.pt")):  # a cell past its first epoch
+        assert proc.poll() is None and time.monotonic() < deadline, proc.communicate()
+        time.sleep(0.2)
+    proc.send_signal(sig)
+    _, err = proc.communicate(timeout=120)
+    assert proc.returncode == 128 + sig, err
+    assert f"stopped by {signal.Signals(sig).name}" in err and "--executor ray --resume" in err, err
+    parents, cells = _cells(f"sqlite:///{tmp_path}/mlflow.db")
+    assert [p.info.status for p in parents] == ["KILLED"]
+    # the running cells end KILLED; a cell whose task had not started has no run, one may finish meanwhile
+    statuses = [c.info.status for c in cells]
+    assert "KILLED" in statuses and set(statuses) <= {"KILLED", "FINISHED"}, statuses
+
+    assert subprocess.run([*cmd, "--resume"], cwd=tmp_path, env=env, capture_output=True).returncode == 0
+    import mlflow
+
+    client = mlflow.MlflowClient(f"sqlite:///{tmp_path}/mlflow.db")
+    parents, cells = _cells(f"sqlite:///{tmp_path}/mlflow.db")
+    assert len(cells) == 2 and all(c.info.status == "FINISHED" for c in cells)  # the same runs, reopened
+    for cell in cells:
+        steps = [m.step for m in client.get_metric_history(cell.info.run_id, "train_loss")]
+        assert sorted(steps) == list(range(21)), steps  # 20 sparsity epochs and 1 fine-tuning epoch
 
 
 def _free_port() -> int:

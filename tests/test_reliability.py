@@ -537,6 +537,25 @@ def test_signals_are_held_during_a_checkpoint_write(tmp_path) -> None:
     assert [p.name for p in tmp_path.iterdir()] == ["a.pt"]  # no temporary file left
 
 
+@pytest.mark.unit
+def test_a_plain_keyboard_interrupt_becomes_the_signal_received() -> None:
+    """Ray raises a plain KeyboardInterrupt out of its waits in place of the handler's Interrupted: the
+    signal that arrived (SIGTERM here, exit 143) is still the one the command reports."""
+    from prunebench.signals import Interrupted, as_interrupted, handle_signals
+
+    with handle_signals():
+        try:
+            os.kill(os.getpid(), signal.SIGTERM)
+            time.sleep(1)
+            pytest.fail("SIGTERM was not turned into Interrupted")
+        except Interrupted as exc:
+            assert exc.signum == signal.SIGTERM
+    plain = as_interrupted(KeyboardInterrupt())  # what the library raised instead of the handler's exception
+    assert plain.signum == signal.SIGTERM and plain.exit_code == 143
+    own = Interrupted(signal.SIGINT)
+    assert as_interrupted(own) is own
+
+
 def test_tracking_retries_a_locked_database() -> None:
     from sqlalchemy.exc import OperationalError
 

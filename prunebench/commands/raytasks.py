@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import contextlib
 import os
+import signal
 import socket
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -21,6 +22,7 @@ import torch
 from prunebench.errors import UserError, one_line
 from prunebench.recipe import Recipe
 from prunebench.registry import load_plugin_file, resolve_plugin_path
+from prunebench.signals import SIGNALS, as_interrupted
 from prunebench.tracking import store
 
 ADDRESS_TIMEOUT_S = 5
@@ -88,17 +90,28 @@ def task_env(recipe: Recipe, options: dict[str, Any], uri: str, experiment_id: s
 @contextlib.contextmanager
 def session(address: str | None) -> Iterator[None]:
     """Ray, initialized here unless it already is: joining ``address``, else a local instance with this
-    machine's CPUs; shut down at the end only if it was started here."""
+    machine's CPUs; shut down at the end only if it was started here.
+
+    Ctrl-C and SIGTERM stay prunebench's (:mod:`prunebench.signals`): ``ray.init`` replaces the SIGTERM
+    handler, which is put back, and Ray raises a plain ``KeyboardInterrupt`` out of its waits on Ctrl-C,
+    which leaves the block as :class:`~prunebench.signals.Interrupted` of the signal received (the command then says how to resume)."""
     import ray
 
     started = not ray.is_initialized()
     if started:
+        handlers = {s: signal.getsignal(s) for s in SIGNALS}
         if address:
             ray.init(address=address, log_to_driver=False)
         else:
             ray.init(num_cpus=os.cpu_count(), include_dashboard=False, log_to_driver=False)
+        with contextlib.suppress(ValueError):  # not the main thread: nothing was installed here
+            for s, handler in handlers.items():
+                if handler is not None:
+                    signal.signal(s, handler)
     try:
         yield
+    except KeyboardInterrupt as exc:
+        raise as_interrupted(exc) from None
     finally:
         if started:
             ray.shutdown()
