@@ -122,6 +122,47 @@ def test_tune_workers_share_each_study_as_ray_tasks(ray_instance, write_recipe, 
     assert "lambda:" in (tmp_path / "r.tuned.yaml").read_text()
 
 
+CRASH_ONCE_PLUGIN = """
+import os
+from pathlib import Path
+
+from prunebench.methods.oicsr import OICSR
+from prunebench.registry import register_method
+
+
+MARKER = {marker!r}
+
+
+@register_method("oicsr_crash_once")
+class CrashOnce(OICSR):
+    description = "test: OICSR whose first trial's process dies at its first epoch end"
+
+    def on_epoch_end(self, epoch):
+        marker = Path(MARKER)
+        if not marker.exists():
+            marker.touch()
+            os._exit(3)
+        super().on_epoch_end(epoch)
+"""
+
+
+def test_a_dead_tune_worker_leaves_the_others_going(ray_instance, write_recipe, small_recipe, tmp_path, caplog) -> None:
+    import optuna
+
+    (tmp_path / "crash.py").write_text(CRASH_ONCE_PLUGIN.format(marker=str(tmp_path / "crashed")))
+    small_recipe["plugins"] = ["crash.py"]
+    small_recipe["methods"] = [{"name": "oicsr_crash_once", "lambda": {"tune": [1.0e-6, 1.0e-3], "log": True}}]
+    small_recipe["tune"] = {"sparsity_epochs": 1, "finetune_epochs": 1}
+    path = write_recipe(small_recipe)
+    assert main(["tune", str(path), "-q", "--executor", "ray", "--workers", "2", "--trials", "3"]) == 0
+    assert (tmp_path / "crashed").exists()
+    assert "a tune worker was lost" in caplog.text
+    trials = optuna.load_study(study_name="tiny-oicsr_crash_once", storage=f"sqlite:///{tmp_path}/optuna.db")
+    states = [t.state.name for t in trials.get_trials()]
+    assert states.count("COMPLETE") >= 2, states  # the other worker went on to the total
+    assert (tmp_path / "r.tuned.yaml").exists()
+
+
 def test_a_dead_worker_fails_only_its_cell(ray_instance, write_recipe, small_recipe, tmp_path, capsys) -> None:
     (tmp_path / "crash.py").write_text(CRASH_PLUGIN)
     small_recipe["plugins"] = ["crash.py"]

@@ -11,6 +11,7 @@ worker: the SQLite file on one machine, a server (``postgresql://``) across mach
 
 from __future__ import annotations
 
+import contextlib
 import logging
 from typing import Any
 
@@ -21,6 +22,7 @@ from prunebench.commands.tune.objective import TrialSetup, prepare
 from prunebench.commands.tune.report import StudyResult, counted_trials, summarize_study
 from prunebench.commands.tune.study import open_storage, run_study
 from prunebench.commands.tune.tasks import TuneTask
+from prunebench.errors import one_line
 from prunebench.recipe import Recipe, TuneConfig
 
 log = logging.getLogger(__name__)
@@ -60,31 +62,42 @@ def run_studies(
 
 
 def _wait(refs: list[Any], tasks: list[TuneTask], storage: Any, total: int) -> list[StudyResult]:
-    """The workers' results once all are done, saying every :data:`PROGRESS_EVERY_S` s how far each study is;
-    a worker's error is raised as it would be without Ray; Ctrl-C cancels the workers (their running trials
-    end INTERRUPTED and are run again on resume)."""
+    """The workers' results once all are done, saying every :data:`PROGRESS_EVERY_S` s how far each study is.
+    A worker's error stops the others and is raised as it would be without Ray; a worker whose process died
+    is reported and the others go on; Ctrl-C cancels the workers (their running trials end INTERRUPTED and
+    are run again by the same command)."""
     import ray
 
     waiting, said, out = list(refs), {}, {}
     try:
         while waiting:
             ready, waiting = ray.wait(waiting, num_returns=len(waiting), timeout=PROGRESS_EVERY_S)
-            out.update(zip(ready, ray.get(ready), strict=True))  # a worker that failed stops the rest now
+            out.update((ref, _result(ref)) for ref in ready)
             for t in tasks:
                 n = counted_trials(optuna.load_study(study_name=t.study, storage=storage))
                 if said.get(t.study) != n:
                     log.info("  %s: %d/%d trials", t.label, n, total)
                     said[t.study] = n
-        return [out[r] for r in refs]
-    except ray.exceptions.RayTaskError as exc:
+    except BaseException:
         for ref in waiting:
             ray.cancel(ref)
-        raise raytasks.first_cause(exc) from None
-    except KeyboardInterrupt:
-        for ref in waiting:
-            ray.cancel(ref)
-        ray.wait(waiting, num_returns=len(waiting), timeout=30)
+        with contextlib.suppress(Exception):  # let the cancelled workers end their trials and runs
+            ray.wait(waiting, num_returns=len(waiting), timeout=30)
         raise
+    return [r for r in (out[ref] for ref in refs) if r is not None]
+
+
+def _result(ref: Any) -> StudyResult | None:
+    """A finished worker's result; ``None`` when its process died (the others go on without it)."""
+    import ray
+
+    try:
+        return ray.get(ref)
+    except ray.exceptions.RayTaskError as exc:
+        raise raytasks.first_cause(exc) from None
+    except ray.exceptions.RayError as exc:
+        log.warning("a tune worker was lost (%s); the other workers go on", one_line(exc, 200))
+        return None
 
 
 def _worker(env: raytasks.TaskEnv, recipe: Recipe, cfg: TuneConfig, task: TuneTask, storage_url: str) -> StudyResult:
