@@ -117,6 +117,18 @@ def session(address: str | None) -> Iterator[None]:
             ray.shutdown()
 
 
+def cancel(refs: list[Any], wait_s: float = 30) -> None:
+    """Cancel the tasks of ``refs`` (a running one gets KeyboardInterrupt, so its runs end KILLED and its trial
+    INTERRUPTED) and give them up to ``wait_s`` seconds to finish that bookkeeping."""
+    import ray
+
+    for ref in refs:
+        ray.cancel(ref)
+    if refs and wait_s > 0:
+        with contextlib.suppress(Exception):
+            ray.wait(refs, num_returns=len(refs), timeout=wait_s)
+
+
 def first_cause(exc: BaseException) -> BaseException:
     """The exception a task raised, out of Ray's wrapper (so it reads as it would without Ray)."""
     cause = getattr(exc, "cause", None)

@@ -76,8 +76,7 @@ def _get_dense(refs: list[Any]) -> None:
     except ray.exceptions.RayTaskError as exc:
         raise raytasks.first_cause(exc) from None
     except KeyboardInterrupt:
-        for ref in refs:
-            ray.cancel(ref)
+        raytasks.cancel(refs, wait_s=0)
         raise
 
 
@@ -105,10 +104,7 @@ def _gather(env: raytasks.TaskEnv, pending: list[PendingCell], refs: dict[Any, i
                     log.info("  %s: %s", result.describe(), result.status)
                 out[i] = result
     except KeyboardInterrupt:
-        for ref in waiting:
-            ray.cancel(ref)  # a running task gets KeyboardInterrupt: its run ends KILLED
-        with contextlib.suppress(Exception):
-            ray.wait(waiting, num_returns=len(waiting), timeout=30)
+        raytasks.cancel(waiting)
         end_orphans(env, "KILLED", "interrupted")
         raise
     if lost:

@@ -11,7 +11,6 @@ worker: the SQLite file on one machine, a server (``postgresql://``) across mach
 
 from __future__ import annotations
 
-import contextlib
 import logging
 from typing import Any
 
@@ -53,11 +52,7 @@ def run_studies(
         refs = [remote.remote(env, setup.recipe, cfg, t, storage_url) for t in tasks for _ in range(workers)]
         done = _wait(refs, tasks, storage, cfg.trials)
     run_ids = [r.run_id for r in done if r.run_id is not None]
-    results = []
-    for t in tasks:
-        study = optuna.load_study(study_name=t.study, storage=storage)
-        first = next((r.run_id for r in done if r.task.index == t.index and r.run_id is not None), None)
-        results.append(summarize_study(study, t, first))
+    results = [summarize_study(optuna.load_study(study_name=t.study, storage=storage), t) for t in tasks]
     return results, run_ids
 
 
@@ -79,10 +74,7 @@ def _wait(refs: list[Any], tasks: list[TuneTask], storage: Any, total: int) -> l
                     log.info("  %s: %d/%d trials", t.label, n, total)
                     said[t.study] = n
     except BaseException:
-        for ref in waiting:
-            ray.cancel(ref)
-        with contextlib.suppress(Exception):  # let the cancelled workers end their trials and runs
-            ray.wait(waiting, num_returns=len(waiting), timeout=30)
+        raytasks.cancel(waiting)
         raise
     return [r for r in (out[ref] for ref in refs) if r is not None]
 
