@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import copy
 import os
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -82,3 +84,20 @@ def one_thread():
     torch.manual_seed(0)
     yield
     torch.set_num_threads(threads)
+
+
+@pytest.fixture
+def side_by_side(tmp_path: Path):
+    """side_by_side(args, n=2) -> [(process, output)]: ``python -m prunebench ARGS`` started n times at once in
+    the test folder (one torch thread each, stderr with stdout), waited for (several workers on one store)."""
+
+    def start(args: list[str], n: int = 2) -> list[tuple[subprocess.Popen, str]]:
+        env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONWARNINGS": "ignore"}
+        cmd = [sys.executable, "-m", "prunebench", *args]
+        procs = [
+            subprocess.Popen(cmd, cwd=tmp_path, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+            for _ in range(n)
+        ]
+        return [(p, p.communicate(timeout=600)[0]) for p in procs]
+
+    return start

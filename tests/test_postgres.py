@@ -79,7 +79,7 @@ def mlflow_server(pg_server: PgServer, tmp_path_factory: pytest.TempPathFactory)
         log.close()
 
 
-def test_two_tune_workers_share_one_study_on_postgresql(pg_server: PgServer, write_recipe, fast_recipe, tmp_path):  # noqa: F811
+def test_two_tune_workers_share_one_study_on_postgresql(pg_server: PgServer, write_recipe, fast_recipe, side_by_side):  # noqa: F811
     import optuna
     from optuna.trial import TrialState
 
@@ -89,14 +89,8 @@ def test_two_tune_workers_share_one_study_on_postgresql(pg_server: PgServer, wri
     fast_recipe["data"]["num_samples"] = 384  # trials of about a second: both workers are in before the total
     path = write_recipe(fast_recipe)
     total = 4
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONWARNINGS": "ignore"}
-    cmd = [sys.executable, "-m", "prunebench", "tune", str(path), "--trials", str(total), "--storage", storage]
-    procs = [
-        subprocess.Popen(cmd, cwd=tmp_path, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
-        for _ in range(2)
-    ]
-    outs = [p.communicate(timeout=600)[0] for p in procs]
-    for p, out in zip(procs, outs):
+    finished = side_by_side(["tune", str(path), "--trials", str(total), "--storage", storage])
+    for p, out in finished:
         assert p.returncode == 0, out
         assert "Traceback" not in out, out
 
@@ -109,7 +103,7 @@ def test_two_tune_workers_share_one_study_on_postgresql(pg_server: PgServer, wri
     assert sorted(t.number for t in trials) == list(range(n))
     assert all(t.state == TrialState.COMPLETE for t in trials), [t.state for t in trials]
     workers = [t.user_attrs["worker"].rsplit(":", 1)[1] for t in trials]  # host:pid of the process that ran it
-    assert set(workers) == {str(p.pid) for p in procs}, workers  # both workers ran trials
+    assert set(workers) == {str(p.pid) for p, _ in finished}, workers  # both workers ran trials
     assert len({t.params["lambda"] for t in trials}) == n  # the workers drew different values
 
 

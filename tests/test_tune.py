@@ -4,11 +4,8 @@ recipe, divergence, and that the test split is never read."""
 from __future__ import annotations
 
 import logging
-import os
 import re
 import socket
-import subprocess
-import sys
 import time
 from pathlib import Path
 
@@ -131,16 +128,10 @@ def test_study_runs_logs_resumes_and_writes_a_runnable_tuned_recipe(
     assert len(_study().get_trials()) == 6 and len(_runs("study")) == 2
 
 
-def test_two_processes_share_one_sqlite_study(write_recipe, tune_recipe, tmp_path: Path) -> None:
+def test_two_processes_share_one_sqlite_study(write_recipe, tune_recipe, side_by_side, tmp_path: Path) -> None:
     path = write_recipe(tune_recipe)
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONWARNINGS": "ignore"}
-    cmd = [sys.executable, "-m", "prunebench", "tune", str(path), "--trials", "4"]  # no -q: the trial lines are read
-    procs = [
-        subprocess.Popen(cmd, cwd=tmp_path, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
-        for _ in range(2)
-    ]
-    outs = [p.communicate(timeout=600)[0] for p in procs]
-    for p, out in zip(procs, outs):
+    finished = side_by_side(["tune", str(path), "--trials", "4"])  # no -q: the trial lines are read
+    for p, out in finished:
         assert p.returncode == 0, out
         assert "locked" not in out.lower() and "Traceback" not in out, out
 
@@ -150,7 +141,7 @@ def test_two_processes_share_one_sqlite_study(write_recipe, tune_recipe, tmp_pat
     assert [t.number for t in trials] == list(range(n))  # no duplicated numbers
     assert all(t.state == TrialState.COMPLETE for t in trials)
     workers = [t.user_attrs["worker"] for t in trials]
-    ran = [sum(f"trial {t.number}:" in out for t in trials) for out in outs]
+    ran = [sum(f"trial {t.number}:" in out for t in trials) for _, out in finished]
     assert sum(ran) == n and len(set(workers)) == sum(r > 0 for r in ran)  # every trial ran exactly once
     assert len(_runs("study")) == 2 and len(_runs("trial")) == n
     assert load_recipe(tmp_path / "r.tuned.yaml").methods[0]["name"] == "oicsr"
