@@ -67,6 +67,7 @@ def test_run_end_to_end_logs_the_schema(write_recipe, tiny_recipe, capsys) -> No
         assert layers[0].startswith("layer,type,in_before,out_before,in_after,out_after")
     assert "recipe.yaml" in {a.path for a in client.list_artifacts(parents[0].info.run_id)}
     assert "mlflow.source.git.commit" in parents[0].data.tags or "version.torch" in parents[0].data.tags
+    assert parents[0].data.tags["host_allocator"] != "system default"  # the command line set it (hostmem)
 
 
 def test_same_seed_same_metrics(write_recipe, tiny_recipe, tmp_path) -> None:

@@ -21,6 +21,7 @@ from types import ModuleType
 from prunebench import __version__
 from prunebench.cli import bench, compare, methods, models, run, tune
 from prunebench.errors import UserError, one_line
+from prunebench.hostmem import keep_freed_memory
 
 log = logging.getLogger(__name__)
 
@@ -102,6 +103,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         parser.print_help()
         return 2
     with configure_logging(getattr(args, "quiet", False)):
+        keep_freed_memory()  # page faults would otherwise take a third of a CPU forward pass (hostmem)
         try:
             return COMMANDS[args.command].run(args)
         except UserError as exc:

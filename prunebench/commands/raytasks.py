@@ -20,6 +20,7 @@ import mlflow
 import torch
 
 from prunebench.errors import UserError, one_line
+from prunebench.hostmem import keep_freed_memory
 from prunebench.recipe import Recipe
 from prunebench.registry import load_plugin_file, resolve_plugin_path
 from prunebench.signals import SIGNALS, as_interrupted
@@ -142,6 +143,7 @@ def in_task(env: TaskEnv) -> Iterator[None]:
     if Path(env.cwd).is_dir():  # on another machine the recipe's paths must be absolute or shared
         os.chdir(env.cwd)
     try:
+        keep_freed_memory()  # as the driver's command line did (prunebench.hostmem)
         for plugin in env.plugins:
             load_plugin_file(plugin)
         if env.threads is not None:

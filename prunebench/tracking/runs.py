@@ -30,6 +30,7 @@ from mlflow.entities import Run
 
 from prunebench import distributed
 from prunebench.errors import DivergedError, UserError
+from prunebench.hostmem import allocator_state
 from prunebench.tracking.schema import (
     CELL_KEY_TAG,
     CELL_KIND,
@@ -50,7 +51,11 @@ _PACKAGES = ("prunebench", "torch", "torchvision", "timm", "torch-pruning", "fvc
 
 def environment_tags() -> dict[str, str]:
     """Git commit of the prunebench checkout (when there is one) and package versions."""
-    tags: dict[str, str] = {"python": sys.version.split()[0], "platform": platform.platform()}
+    tags: dict[str, str] = {
+        "python": sys.version.split()[0],
+        "platform": platform.platform(),
+        "host_allocator": allocator_state(),
+    }
     for pkg in _PACKAGES:
         with contextlib.suppress(PackageNotFoundError):
             tags[f"version.{pkg}"] = version(pkg)

@@ -15,6 +15,8 @@ from typing import Any
 
 import torch
 
+from prunebench.hostmem import allocator_state
+
 
 def machine_info(device: torch.device) -> dict[str, Any]:
     """CPU model, core count, torch threads and version, GPU name, and the load average (noise)."""
@@ -33,6 +35,7 @@ def machine_info(device: torch.device) -> dict[str, Any]:
         "platform": platform.platform(),
         "device": str(device),
         "gpu": torch.cuda.get_device_name(device) if device.type == "cuda" else None,
+        "host_allocator": allocator_state(),
     }
     load = load_average()
     if load is not None:
