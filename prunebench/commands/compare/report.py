@@ -76,7 +76,8 @@ def speed_notes(cells: pd.DataFrame, table: pd.DataFrame) -> list[str]:
         notes.append(
             f"speedups marked noisy ({', '.join(noisy)}): the per-round ratios of dense and pruned latency "
             f"disagreed by more than {NOISY_SPEEDUP_SPREAD:.0%} (median absolute deviation): the machine's load or "
-            "its timer changed from round to round; measure on a quiet machine or raise measure.repeats"
+            "its timer changed from round to round; measure on a quiet machine (more measure.repeats steady the "
+            "median ratio but do not lower its spread)"
         )
     failed = cells[cells["onnx_error"].notna()] if "onnx_error" in cells else cells.iloc[:0]
     if len(failed):
