@@ -52,3 +52,24 @@ def test_kept_memory_stops_the_page_faults_of_repeated_forwards() -> None:
 def test_an_allocator_chosen_through_the_environment_is_left_alone(monkeypatch) -> None:
     monkeypatch.setenv("MALLOC_TRIM_THRESHOLD_", "131072")
     assert hostmem._configure() == "left as set by MALLOC_TRIM_THRESHOLD_"
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="glibc's mallopt: Linux only")
+def test_a_ray_task_sets_it_up_as_the_command_line_does(tmp_path) -> None:
+    """Ray runs cells and tune workers in its own worker processes, which never pass through the CLI."""
+    code = f"""
+import mlflow
+from prunebench.commands.raytasks import TaskEnv, in_task
+from prunebench.hostmem import allocator_state
+uri = "sqlite:///{tmp_path}/mlflow.db"
+mlflow.set_tracking_uri(uri)
+experiment = mlflow.create_experiment("hostmem")
+print(allocator_state())
+with in_task(TaskEnv(cwd="{tmp_path}", uri=uri, experiment_id=experiment, plugins=(), threads=None)):
+    print(allocator_state())
+"""
+    env = {k: v for k, v in os.environ.items() if k not in hostmem.USER_SETTINGS}
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120, env=env)
+    assert out.returncode == 0, out.stderr[-2000:]
+    before, during = out.stdout.splitlines()[-2:]
+    assert before == "system default" and "freed memory kept" in during
