@@ -32,10 +32,19 @@ print((resource.getrusage(resource.RUSAGE_SELF).ru_minflt - before) / 10)
 """
 
 
+def _default_env() -> dict[str, str]:
+    """This environment without the allocator choices :func:`hostmem.keep_freed_memory` would defer to."""
+    return {k: v for k, v in os.environ.items() if k not in hostmem.USER_SETTINGS}
+
+
 def _faults_per_forward(mode: str) -> tuple[float, str]:
-    env = {k: v for k, v in os.environ.items() if k not in hostmem.USER_SETTINGS}
     out = subprocess.run(
-        [sys.executable, "-c", FORWARDS, mode], capture_output=True, text=True, check=True, timeout=120, env=env
+        [sys.executable, "-c", FORWARDS, mode],
+        capture_output=True,
+        text=True,
+        check=True,
+        timeout=120,
+        env=_default_env(),
     ).stdout.splitlines()
     return float(out[-1]), out[0]
 
@@ -68,8 +77,7 @@ print(allocator_state())
 with in_task(TaskEnv(cwd="{tmp_path}", uri=uri, experiment_id=experiment, plugins=(), threads=None)):
     print(allocator_state())
 """
-    env = {k: v for k, v in os.environ.items() if k not in hostmem.USER_SETTINGS}
-    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120, env=env)
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120, env=_default_env())
     assert out.returncode == 0, out.stderr[-2000:]
     before, during = out.stdout.splitlines()[-2:]
     assert before == "system default" and "freed memory kept" in during
